@@ -1,0 +1,396 @@
+"""A pure-PyTorch BERT for pre-training (MLM + NSP), numerically equal to HuggingFace's BertForPreTraining.
+
+This is the model both papers grow (Gong et al. 2019, "Efficient Training of BERT by Progressively
+Stacking", section 3; MSLT, "Progressively Stacking 2.0", section 3.2). Two layouts:
+
+- post-LN (`pre_norm=False`): the original BERT, LayerNorm after each residual add. Same weights, same
+  numbers as `transformers.BertForPreTraining` (see `save_hf` / `load_hf` and the equivalence test).
+- pre-LN (`pre_norm=True`): LayerNorm before each sub-layer and a final LayerNorm, the layout of the
+  stacking paper's own code. A layer whose two output projections are zero is then an exact identity,
+  which is what the paper's *identity* baseline relies on (section 4.1).
+
+The encoder layers are a plain `nn.ModuleList` of blocks, so growth operators (stack.py) can stack, copy
+and share them; with `group_size > 1` consecutive layers share one block (ALBERT-style, per group).
+Layers whose parameters are all frozen and whose input needs no gradient build no autograd graph, so
+backward stops at the first trainable layer: MSLT's speed comes from that alone.
+
+Run `python bert.py` for a tiny forward/backward smoke test and a parameter count of each preset.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE = -100  # MLM label of a position that is not predicted (HuggingFace's convention)
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522  # word-piece / BPE vocabulary, special tokens included ([PAD] = 0)
+    max_position: int = 512  # learned position embeddings: the longest input
+    n_layer: int = 12  # encoder layers (depth)
+    n_head: int = 12  # attention heads per layer
+    d_model: int = 768  # hidden size
+    d_ff: int = 3072  # feed-forward inner size
+    dropout: float = 0.1  # dropout on embeddings and on each residual branch
+    attn_dropout: float = 0.1  # dropout on attention probabilities
+    ln_eps: float = 1e-12  # LayerNorm epsilon (BERT's 1e-12)
+    n_segment: int = 2  # segment (token type) vocabulary: A = 0, B = 1
+    pre_norm: bool = False  # False: original post-LN BERT; True: pre-LN with a final LayerNorm
+    group_size: int = 1  # consecutive layers sharing one block (1 = no sharing; ALBERT groups > 1)
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.n_layer < 1 or self.n_layer % self.group_size:
+            raise ValueError(f"n_layer={self.n_layer} must be a positive multiple of group_size={self.group_size}")
+
+
+# Sizes used by the papers and by the CPU experiments; the vocabulary comes from the tokenizer.
+PRESETS = {
+    "tiny": BertConfig(n_layer=12, n_head=2, d_model=64, d_ff=256, max_position=128),  # default CPU smoke run
+    "cpu-12x128": BertConfig(n_layer=12, n_head=2, d_model=128, d_ff=512, max_position=128),
+    "cpu-12x256": BertConfig(n_layer=12, n_head=4, d_model=256, d_ff=1024),
+    "bert-base": BertConfig(n_layer=12, n_head=12, d_model=768, d_ff=3072),  # both papers
+    "bert-large": BertConfig(n_layer=24, n_head=16, d_model=1024, d_ff=4096),  # MSLT, Table 1
+}
+
+
+def preset(name: str, **overrides) -> BertConfig:
+    """A named size with fields overridden, e.g. preset("bert-base", vocab_size=32000, pre_norm=True)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+@dataclass
+class BertOutput:
+    """What `Bert.forward` returns, the same fields whatever arguments are given."""
+
+    loss: Optional[torch.Tensor]  # mlm_loss + nsp_loss (of those whose labels were given), else None
+    mlm_loss: Optional[torch.Tensor]  # mean cross-entropy over labelled positions, None without mlm_labels
+    nsp_loss: Optional[torch.Tensor]  # mean cross-entropy of the 2-way NSP head, None without nsp_labels
+    mlm_logits: torch.Tensor  # (B, T, V) without mlm_labels; (N, V) at the N labelled positions with them
+    nsp_logits: torch.Tensor  # (B, 2); class 0 = "B follows A"
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused q/k/v projection and two paths to the same numbers.
+
+    The fast path is `F.scaled_dot_product_attention`; the explicit path computes softmax(q k^T / sqrt(d))
+    itself and also returns the probabilities, for attention maps. Nothing is stored on the module.
+    """
+
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.n_head = c.n_head
+        self.qkv = nn.Linear(c.d_model, 3 * c.d_model)
+        self.out = nn.Linear(c.d_model, c.d_model)  # the residual branch's last linear map
+        self.attn_dropout = c.attn_dropout
+
+    def forward(self, x, keep, need_weights: bool = False):
+        """x: (B, T, D); keep: (B, 1, 1, T) bool, True at real tokens. Returns (output, probs or None)."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+        p_drop = self.attn_dropout if self.training else 0.0
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
+            probs = scores.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+            y = F.dropout(probs, p_drop, self.training) @ v  # (B, nh, T, hs)
+        else:
+            probs = None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p_drop)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.out(y), probs
+
+
+class FeedForward(nn.Module):
+    """Position-wise dense -> exact (erf) GELU -> dense."""
+
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.inner = nn.Linear(c.d_model, c.d_ff)
+        self.out = nn.Linear(c.d_ff, c.d_model)  # the residual branch's last linear map
+
+    def forward(self, x):
+        return self.out(F.gelu(self.inner(x)))
+
+
+class Block(nn.Module):
+    """One encoder layer: attention and feed-forward, each a residual branch with dropout and LayerNorm.
+
+    post-LN (BERT):  x = LN(x + drop(attn(x)));     x = LN(x + drop(ffn(x)))
+    pre-LN (paper):  x = x + drop(attn(LN(x)));     x = x + drop(ffn(LN(x)))
+    """
+
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.pre_norm = c.pre_norm
+        self.attn = SelfAttention(c)
+        self.ln_attn = nn.LayerNorm(c.d_model, eps=c.ln_eps)
+        self.ffn = FeedForward(c)
+        self.ln_ffn = nn.LayerNorm(c.d_model, eps=c.ln_eps)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x, keep, need_weights: bool = False):
+        """Returns (new x, attention probabilities or None)."""
+        if self.pre_norm:
+            a, probs = self.attn(self.ln_attn(x), keep, need_weights)
+            x = x + self.drop(a)
+            return x + self.drop(self.ffn(self.ln_ffn(x))), probs
+        a, probs = self.attn(x, keep, need_weights)
+        x = self.ln_attn(x + self.drop(a))
+        return self.ln_ffn(x + self.drop(self.ffn(x))), probs
+
+
+class Bert(nn.Module):
+    """Embeddings, encoder layers, tanh pooler, MLM head (tied decoder) and NSP head."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        c = self.config = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+        self.pos_emb = nn.Embedding(c.max_position, c.d_model)
+        self.seg_emb = nn.Embedding(c.n_segment, c.d_model)
+        self.emb_ln = nn.LayerNorm(c.d_model, eps=c.ln_eps)
+        self.emb_drop = nn.Dropout(c.dropout)
+        blocks = [Block(c) for _ in range(c.n_layer // c.group_size)]
+        self.layers = nn.ModuleList(blocks[i // c.group_size] for i in range(c.n_layer))  # shared per group
+        self.final_ln = nn.LayerNorm(c.d_model, eps=c.ln_eps) if c.pre_norm else nn.Identity()
+        self.pooler = nn.Linear(c.d_model, c.d_model)
+        self.mlm_dense = nn.Linear(c.d_model, c.d_model)  # MLM transform: dense + GELU + LayerNorm
+        self.mlm_ln = nn.LayerNorm(c.d_model, eps=c.ln_eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(c.vocab_size))  # decoder bias; the weight is tok_emb's
+        self.nsp = nn.Linear(c.d_model, 2)
+        self.apply(init_weights)
+
+    def encode(self, input_ids, token_type_ids=None, attention_mask=None, need_weights: bool = False):
+        """Run embeddings and encoder. Returns (hidden (B, T, D), pooled (B, D), list of per-layer probs).
+
+        The list is empty unless `need_weights`, in which case each entry is (B, n_head, T, T).
+        """
+        B, T = input_ids.shape
+        if T > self.config.max_position:
+            raise ValueError(f"input length {T} exceeds max_position={self.config.max_position}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        keep = attention_mask.bool().view(B, 1, 1, T)  # the one place the padding mask is built
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.tok_emb(input_ids) + self.pos_emb(pos) + self.seg_emb(token_type_ids)  # (B, T, D)
+        x = self.emb_drop(self.emb_ln(x))
+        maps = []
+        for layer in self.layers:
+            x, probs = layer(x, keep, need_weights)
+            if need_weights:
+                maps.append(probs)
+        x = self.final_ln(x)
+        pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, D) from [CLS]
+        return x, pooled, maps
+
+    def mlm_head(self, h):
+        """Transform hidden states (..., D) and project onto the vocabulary with the tied embedding."""
+        h = self.mlm_ln(F.gelu(self.mlm_dense(h)))
+        return F.linear(h, self.tok_emb.weight, self.mlm_bias)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, mlm_labels=None, nsp_labels=None):
+        """Pre-training forward pass. With `mlm_labels` ((B, T), IGNORE where not predicted) the MLM head
+        runs only at the labelled positions (~15%): at small hidden sizes the vocabulary projection is most
+        of the FLOPs, so this is the largest single speed-up over computing it everywhere."""
+        h, pooled, _ = self.encode(input_ids, token_type_ids, attention_mask)
+        nsp_logits = self.nsp(pooled)
+        mlm_loss = nsp_loss = None
+        if mlm_labels is None:
+            mlm_logits = self.mlm_head(h)  # (B, T, V)
+        else:
+            labelled = mlm_labels != IGNORE
+            mlm_logits = self.mlm_head(h[labelled])  # (N, V)
+            mlm_loss = F.cross_entropy(mlm_logits.float(), mlm_labels[labelled])
+        if nsp_labels is not None:
+            nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
+        losses = [l for l in (mlm_loss, nsp_loss) if l is not None]
+        loss = sum(losses) if losses else None
+        return BertOutput(loss, mlm_loss, nsp_loss, mlm_logits, nsp_logits)
+
+    @torch.no_grad()
+    def attention_maps(self, input_ids, token_type_ids=None, attention_mask=None):
+        """Per layer, the (B, n_head, T, T) attention probabilities (explicit softmax, same weights)."""
+        return self.encode(input_ids, token_type_ids, attention_mask, need_weights=True)[2]
+
+
+def init_weights(module):
+    """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorm."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HuggingFace interop: transformers' BertForPreTraining names and layout, no run-time dependency on it.
+
+
+def _hf_layer_tensors(i, block):
+    """HF names -> tensors of encoder layer i (q, k, v are separate there, fused here)."""
+    p = f"bert.encoder.layer.{i}."
+    qw, kw, vw = block.attn.qkv.weight.chunk(3)
+    qb, kb, vb = block.attn.qkv.bias.chunk(3)
+    return {
+        p + "attention.self.query.weight": qw, p + "attention.self.query.bias": qb,
+        p + "attention.self.key.weight": kw, p + "attention.self.key.bias": kb,
+        p + "attention.self.value.weight": vw, p + "attention.self.value.bias": vb,
+        p + "attention.output.dense.weight": block.attn.out.weight,
+        p + "attention.output.dense.bias": block.attn.out.bias,
+        p + "attention.output.LayerNorm.weight": block.ln_attn.weight,
+        p + "attention.output.LayerNorm.bias": block.ln_attn.bias,
+        p + "intermediate.dense.weight": block.ffn.inner.weight, p + "intermediate.dense.bias": block.ffn.inner.bias,
+        p + "output.dense.weight": block.ffn.out.weight, p + "output.dense.bias": block.ffn.out.bias,
+        p + "output.LayerNorm.weight": block.ln_ffn.weight, p + "output.LayerNorm.bias": block.ln_ffn.bias,
+    }
+
+
+def hf_state_dict(model: Bert) -> dict:
+    """Our weights under HuggingFace BertForPreTraining's names (shared blocks are written once per layer)."""
+    if model.config.pre_norm:
+        raise ValueError("HuggingFace's BERT is post-LN; a pre_norm=True model has no HuggingFace equivalent")
+    return {k: v.detach().clone().contiguous() for k, v in _hf_views(model).items()}
+
+
+def hf_config(c: BertConfig) -> dict:
+    """transformers' config.json for a BertConfig."""
+    return {
+        "architectures": ["BertForPreTraining"], "model_type": "bert", "vocab_size": c.vocab_size,
+        "hidden_size": c.d_model, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+        "intermediate_size": c.d_ff, "hidden_act": "gelu", "hidden_dropout_prob": c.dropout,
+        "attention_probs_dropout_prob": c.attn_dropout, "max_position_embeddings": c.max_position,
+        "type_vocab_size": c.n_segment, "initializer_range": 0.02, "layer_norm_eps": c.ln_eps,
+        "pad_token_id": 0, "tie_word_embeddings": True,
+    }
+
+
+def save_hf(model: Bert, directory: str):
+    """Write config.json and pytorch_model.bin that transformers.BertForPreTraining.from_pretrained loads."""
+    sd = hf_state_dict(model)
+    os.makedirs(directory, exist_ok=True)
+    _atomic_write(os.path.join(directory, "config.json"), lambda f: f.write(json.dumps(hf_config(model.config), indent=2).encode()))
+    _atomic_write(os.path.join(directory, "pytorch_model.bin"), lambda f: torch.save(sd, f))
+
+
+def _atomic_write(path: str, write):
+    """Write a file by `write(fileobj)` into a temporary beside it, then rename: never a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: str) -> dict:
+    """Read a .safetensors file with torch alone: 8-byte little-endian header length, JSON header, raw bytes."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = bytearray(f.read())
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = t["data_offsets"]
+        flat = torch.frombuffer(data[begin:end], dtype=_SAFETENSORS_DTYPES[t["dtype"]]) if end > begin else torch.empty(0)
+        out[name] = flat.reshape(t["shape"]).clone()
+    return out
+
+
+def _read_hf_weights(directory: str) -> dict:
+    """The state dict of a HF model directory: model.safetensors (transformers 5) or pytorch_model.bin."""
+    st, pt = os.path.join(directory, "model.safetensors"), os.path.join(directory, "pytorch_model.bin")
+    if os.path.exists(st):
+        return read_safetensors(st)
+    if os.path.exists(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{directory} holds neither model.safetensors nor pytorch_model.bin")
+
+
+def load_hf(directory: str) -> Bert:
+    """Read a HuggingFace BERT directory (ours or one written by transformers) into a post-LN Bert."""
+    with open(os.path.join(directory, "config.json")) as f:
+        hc = json.load(f)
+    if hc.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{directory}/config.json: hidden_act={hc['hidden_act']!r}; only exact 'gelu' is supported")
+    config = BertConfig(
+        vocab_size=hc["vocab_size"], max_position=hc["max_position_embeddings"], n_layer=hc["num_hidden_layers"],
+        n_head=hc["num_attention_heads"], d_model=hc["hidden_size"], d_ff=hc["intermediate_size"],
+        dropout=hc["hidden_dropout_prob"], attn_dropout=hc["attention_probs_dropout_prob"],
+        ln_eps=hc["layer_norm_eps"], n_segment=hc["type_vocab_size"], pre_norm=False)
+    model = Bert(config)
+    theirs = _read_hf_weights(directory)
+    ours = _hf_views(model)
+    missing = [k for k in ours if k not in theirs]
+    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "bert.embeddings.position_ids"}
+    unexpected = [k for k in theirs if k not in ours and k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{directory}: weights do not match BertForPreTraining; missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, target in ours.items():
+            target.copy_(theirs[name])
+    return model
+
+
+def _hf_views(model: Bert) -> dict:
+    """HF names -> live views of our parameters (q, k, v are row blocks of the fused qkv)."""
+    m = model
+    views = {
+        "bert.embeddings.word_embeddings.weight": m.tok_emb.weight,
+        "bert.embeddings.position_embeddings.weight": m.pos_emb.weight,
+        "bert.embeddings.token_type_embeddings.weight": m.seg_emb.weight,
+        "bert.embeddings.LayerNorm.weight": m.emb_ln.weight, "bert.embeddings.LayerNorm.bias": m.emb_ln.bias,
+        "bert.pooler.dense.weight": m.pooler.weight, "bert.pooler.dense.bias": m.pooler.bias,
+        "cls.predictions.transform.dense.weight": m.mlm_dense.weight,
+        "cls.predictions.transform.dense.bias": m.mlm_dense.bias,
+        "cls.predictions.transform.LayerNorm.weight": m.mlm_ln.weight,
+        "cls.predictions.transform.LayerNorm.bias": m.mlm_ln.bias,
+        "cls.predictions.bias": m.mlm_bias,
+        "cls.seq_relationship.weight": m.nsp.weight, "cls.seq_relationship.bias": m.nsp.bias,
+    }
+    for i, block in enumerate(m.layers):
+        views.update(_hf_layer_tensors(i, block))
+    return views
+
+
+def describe(model: Bert) -> str:
+    """One line: layout, depth, width and parameter counts (shared blocks counted once)."""
+    c = model.config
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    layout = "pre-LN" if c.pre_norm else "post-LN"
+    share = f", {c.n_layer // c.group_size} shared groups" if c.group_size > 1 else ""
+    return (f"{layout} BERT {c.n_layer} layers x {c.d_model} hidden ({c.n_head} heads, FFN {c.d_ff}{share}): "
+            f"{total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    for name in PRESETS:
+        print(f"{name:>11}: {describe(Bert(preset(name, vocab_size=30522)))}")
+    model = Bert(preset("tiny", vocab_size=1000))
+    ids = torch.randint(5, 1000, (2, 16))
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, 3] = ids[:, 3]
+    out = model(ids, mlm_labels=labels, nsp_labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    print(f"tiny forward/backward: loss {out.loss.item():.3f} (log V = {math.log(1000):.3f} + log 2 = {math.log(2):.3f})")
