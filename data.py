@@ -1,0 +1,734 @@
+"""Pre-training data for BERT: a byte-level BPE tokenizer, corpus readers, a token cache and MLM + NSP batches.
+
+This is the data pipeline of Gong et al. 2019, "Efficient Training of BERT by Progressively Stacking",
+section 4.1: documents are segmented into sentences, lower-cased, tokenized with byte pair encoding
+(Sennrich et al. 2016) and split 199:1 into training and validation documents. Batches follow the
+original BERT recipe (Devlin et al. 2019, `create_pretraining_data.py`): [CLS] A [SEP] B [SEP], B the
+true next text or (p = 0.5) text from another document, 15% of tokens chosen for MLM, of those 80% [MASK],
+10% a random token, 10% unchanged. Unlike the original, examples are drawn on the fly: example `e` is a
+pure function of (seed, e), so masks are fresh every epoch and every rank/micro-batch split of a step sees
+the same examples.
+
+Read in this order: Tokenizer (BPE), synthetic_corpus, read_corpus (+ split_documents), prepare (cache),
+Batches. With no corpus the built-in synthetic language is used, so a bare run is a smoke test:
+
+    python data.py                                      # synthetic corpus, ~10 s
+    python data.py --corpus ../shared/data/gutenberg ../shared/data/brown/brown.txt \\
+        ../shared/data/wikitext-2-raw --out cache/real --vocab-size 16384
+    python experiments/bench_data.py                    # tokenizer / batch speed
+"""
+
+import argparse
+import codecs
+import hashlib
+import heapq
+import json
+import math
+import os
+import random
+import time
+from array import array
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import regex
+import torch
+
+PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4  # special ids, fixed by bert.py
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+N_BASE = len(SPECIALS) + 256  # specials, then one token per byte value; merges start here
+IGNORE = -100  # MLM label of a position that is not predicted (HuggingFace's convention)
+
+
+class DataError(ValueError):
+    """A problem with the user's data or cache that they can fix; the message says which file and how."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer: byte-level BPE
+
+# Pre-tokens as in GPT-2, on text whose whitespace is already collapsed to single spaces: a space belongs
+# to the token after it, so joining the pre-tokens gives the text back exactly, spaces included.
+# "the cat's 2 mats!" -> ["the", " cat", "'s", " 2", " mats", "!"]
+PRETOKEN = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+")
+WHITESPACE = regex.compile(r"\s+")
+SURROGATE = regex.compile(r"[\ud800-\udfff]")  # lone surrogates cannot be written as UTF-8
+
+
+def merge_pair(ids: list, pair: tuple, new_id: int) -> list:
+    """Replace every non-overlapping occurrence of `pair`, left to right. merge_pair([5, 6, 5, 6, 6], (5, 6), 9)
+    == [9, 9, 6]."""
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        if i + 1 < n and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def learn_merges(words: dict, n_merges: int, progress=None) -> list:
+    """BPE merges for `words` ({tuple of base ids: count}). Each step merges the most frequent adjacent pair;
+    ties go to the smallest (left id, right id), and merging stops early when no pair occurs twice.
+
+    Never rescans the corpus: `where` indexes pair -> words containing it, and after a merge only those words
+    are re-counted. Counts live in a lazy max-heap: a merge only lowers the counts of old pairs (an entry
+    found stale on pop is re-pushed with its true count) and creates pairs with the new id, which are pushed.
+    Example: {(a, b, c): 2, (a, b): 1} -> first merge (a, b), the only pair occurring 3 times.
+    """
+    seqs, freqs = [list(w) for w in words], list(words.values())
+    counts, where = defaultdict(int), defaultdict(set)
+    for i, (w, f) in enumerate(zip(seqs, freqs)):
+        for pair in zip(w, w[1:]):
+            counts[pair] += f
+            where[pair].add(i)
+    heap = [(-c, pair) for pair, c in counts.items()]
+    heapq.heapify(heap)
+    merges = []
+    while len(merges) < n_merges and heap:
+        neg, pair = heapq.heappop(heap)
+        if -neg != counts[pair]:  # stale entry: its count dropped since it was pushed
+            if counts[pair] > 0:
+                heapq.heappush(heap, (-counts[pair], pair))
+            continue
+        if -neg < 2:
+            break
+        new_id = N_BASE + len(merges)
+        merges.append(pair)
+        created = set()
+        for i in where.pop(pair):
+            old = seqs[i]
+            new = merge_pair(old, pair, new_id)
+            if len(new) == len(old):  # stale index entry: the pair was merged away earlier
+                continue
+            f = freqs[i]
+            for p in zip(old, old[1:]):
+                counts[p] -= f
+            for p in zip(new, new[1:]):
+                counts[p] += f
+                if new_id in p:
+                    where[p].add(i)
+                    created.add(p)
+            seqs[i] = new
+        for p in created:
+            heapq.heappush(heap, (-counts[p], p))
+        if progress and len(merges) % 2000 == 0:
+            progress(f"  bpe: {len(merges)}/{n_merges} merges, last count {-neg}")
+    return merges
+
+
+class Tokenizer:
+    """Byte-level BPE: ids 0-4 are the specials, 5-260 the 256 byte values, then one id per learned merge.
+
+    Why bytes as the base alphabet: every string is encodable, so encode never needs [UNK] and decode
+    reproduces the normalised text exactly (the [UNK] id exists only to keep the specials' layout fixed).
+    Text from the model is decoded with U+FFFD for invalid byte sequences.
+    """
+
+    FORMAT, VERSION = "bert-byte-bpe", 1
+    pad_id, unk_id, cls_id, sep_id, mask_id = PAD, UNK, CLS, SEP, MASK
+
+    def __init__(self, merges: Sequence, lowercase: bool = True):
+        self.merges = [tuple(m) for m in merges]
+        self.lowercase = lowercase
+        self.ranks = {pair: N_BASE + i for i, pair in enumerate(self.merges)}  # pair -> merged id (= rank)
+        self.pieces = [s.encode() for s in SPECIALS] + [bytes([b]) for b in range(256)]
+        for a, b in self.merges:
+            self.pieces.append(self.pieces[a] + self.pieces[b])
+        self.vocab_size = len(self.pieces)
+        self.cache = {}  # pre-token -> ids; text repeats, so most pre-tokens are looked up, not merged
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, lowercase: bool = True, progress=False):
+        """Learn vocab_size - 261 merges from `texts` (fewer if the corpus runs out of repeated pairs).
+        Each distinct pre-token is counted once (Counter over regex.findall on ~1 MB chunks).
+        progress: False, True (print) or a print-like function."""
+        progress = print if progress is True else progress or None
+        if vocab_size < N_BASE:
+            raise DataError(f"vocab_size={vocab_size} is too small: at least {N_BASE} (5 specials + 256 bytes)")
+        tok, counts, chunk = cls([], lowercase), Counter(), []
+        for text in texts:
+            chunk.append(tok.normalize(text))
+            if len(chunk) >= 10_000:
+                counts.update(PRETOKEN.findall("\n".join(chunk)))  # "\n" is in no pre-token: a hard break
+                chunk = []
+        counts.update(PRETOKEN.findall("\n".join(chunk)))
+        words = Counter()
+        for piece, c in counts.items():
+            words[tuple(b + len(SPECIALS) for b in piece.encode())] += c
+        if progress:
+            progress(f"  bpe: {len(words):,} distinct pre-tokens, {sum(counts.values()):,} in all")
+        return cls(learn_merges(words, vocab_size - N_BASE, progress), lowercase)
+
+    def normalize(self, text: str) -> str:
+        """What encode sees: lower-cased (optional), whitespace runs -> one space, no outer spaces.
+        normalize("  Hello\\r\\n  World ") == "hello world"."""
+        text = WHITESPACE.sub(" ", text).strip(" ")
+        if SURROGATE.search(text):
+            text = SURROGATE.sub("\ufffd", text)
+        return text.lower() if self.lowercase else text
+
+    def _encode_piece(self, piece: str) -> list:
+        """BPE on one pre-token: repeatedly apply the earliest-learned merge present."""
+        ids = [b + len(SPECIALS) for b in piece.encode()]
+        while len(ids) > 1:
+            pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, math.inf))
+            if pair not in self.ranks:
+                break
+            ids = merge_pair(ids, pair, self.ranks[pair])
+        return ids
+
+    def encode(self, text: str) -> list:
+        """Token ids of `text` (no specials added). Never fails: any string is a byte sequence."""
+        ids, cache = [], self.cache
+        if len(cache) > 1_000_000:  # bound memory on adversarial input
+            cache.clear()
+        for piece in PRETOKEN.findall(self.normalize(text)):
+            piece_ids = cache.get(piece)
+            if piece_ids is None:
+                piece_ids = cache[piece] = self._encode_piece(piece)
+            ids += piece_ids
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text of `ids`; specials appear by name ("[MASK]"). decode(encode(t)) == normalize(t)."""
+        return b"".join(self.pieces[int(i)] for i in ids).decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able state (str/int/bool/list), safe inside a weights_only torch checkpoint."""
+        return {"format": self.FORMAT, "version": self.VERSION, "lowercase": self.lowercase,
+                "pretoken_pattern": PRETOKEN.pattern, "specials": SPECIALS, "merges": [list(m) for m in self.merges]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tokenizer":
+        if d.get("format") != cls.FORMAT or d.get("version") != cls.VERSION:
+            raise DataError(f"not a {cls.FORMAT} v{cls.VERSION} tokenizer: format={d.get('format')!r}, "
+                            f"version={d.get('version')!r}")
+        if d["specials"] != SPECIALS or d["pretoken_pattern"] != PRETOKEN.pattern:
+            raise DataError("tokenizer was saved with other special tokens or pre-tokenization; retrain it")
+        return cls(d["merges"], d["lowercase"])
+
+    def hash(self) -> str:
+        """Short content hash: caches built with another tokenizer are detected by it."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, path: str):
+        """JSON file: to_dict() plus a readable "vocab" list (id -> token text), for people, not for loading."""
+        d = dict(self.to_dict(), vocab=[p.decode("utf-8", errors="backslashreplace") for p in self.pieces])
+        _atomic_write(path, lambda f: f.write(json.dumps(d, ensure_ascii=False).encode()))
+
+    @classmethod
+    def load(cls, path: str) -> "Tokenizer":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Corpora: documents as lists of sentences
+
+def synthetic_corpus(seed: int = 0, n_docs: int = 2000, n_topics: int = 12) -> list:
+    """A generated language in which both pre-training tasks are learnable.
+
+    Grammar (MLM): sentence -> NP VP ["and" NP VP] "."; NP -> det adj* noun [prep NP]; VP -> verb NP.
+    Number agrees: singular determiners ("a", "this", ...) take a noun without "-s" and, as subject, a verb
+    with "-s" ("a vemo kires the tupas ."); plural ones the reverse. Topics (NSP): every document draws its
+    nouns, verbs and adjectives mostly (85%) from one of `n_topics` vocabularies of made-up words, so
+    consecutive sentences share a topic while a random sentence usually comes from another one.
+    """
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    seen = set()
+
+    def words(n):  # n new made-up words of 2-3 syllables, Zipf-weighted
+        out = []
+        while len(out) < n:
+            w = "".join(rng.choices(syllables, k=rng.choice((2, 2, 3))))
+            if w not in seen:
+                seen.add(w)
+                out.append(w)
+        return out, [1 / (r + 1) for r in range(n)]
+
+    kinds = {"noun": 40, "verb": 20, "adj": 15}
+    shared = {k: words(n) for k, n in kinds.items()}
+    topics = [{k: words(n) for k, n in kinds.items()} for _ in range(n_topics)]
+    det = {False: ["a", "the", "one", "this", "every"], True: ["the", "some", "many", "these", "two"]}
+
+    def pick(topic, kind):
+        vocab, weights = topic[kind] if rng.random() < 0.85 else shared[kind]
+        return rng.choices(vocab, weights)[0]
+
+    def noun_phrase(topic, depth=0):
+        plural = rng.random() < 0.4
+        adjs = [pick(topic, "adj") for _ in range(rng.choice((0, 0, 1, 2)))]
+        np_ = [rng.choice(det[plural]), *adjs, pick(topic, "noun") + ("s" if plural else "")]
+        if depth == 0 and rng.random() < 0.25:
+            np_ += [rng.choice(("in", "on", "near", "with", "under"))] + noun_phrase(topic, 1)[0]
+        return np_, plural
+
+    def clause(topic):
+        subject, plural = noun_phrase(topic)
+        return subject + [pick(topic, "verb") + ("" if plural else "s")] + noun_phrase(topic)[0]
+
+    docs = []
+    for _ in range(n_docs):
+        topic = rng.choice(topics)
+        sentences = []
+        for _ in range(rng.randint(8, 24)):
+            s = clause(topic) + (["and"] + clause(topic) if rng.random() < 0.2 else [])
+            sentences.append(" ".join(s).capitalize() + " .")
+        docs.append(sentences)
+    return docs
+
+
+# A sentence ends at . ! or ? (plus closing quotes/brackets) before an upper-case letter or digit, except
+# after a few abbreviations and single initials ("Mr. Knightley", "H. americanus").
+SENTENCE_END = regex.compile(r"(?<=[.!?]['\"’”)\]]*)(?<!\b(?:Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|vs|etc|\p{Lu})\.)"
+                             r"\s+(?=[`'\"“‘(\[]*[\p{Lu}\p{N}])")
+WIKI_TITLE = regex.compile(r"^= [^=].* =$")  # " = Homarus gammarus = " (stripped) starts an article
+WIKI_HEADING = regex.compile(r"^= = .* = =$")  # " = = Description = = " is a sub-heading, dropped
+CORPUS_EXTENSIONS = (".txt", ".text", ".raw", ".jsonl")  # what read_corpus takes from a folder
+
+
+def split_sentences(paragraph: str) -> list:
+    """split_sentences("It rained. Mr. Smith left! Then?") == ["It rained.", "Mr. Smith left!", "Then?"]"""
+    return [s for s in SENTENCE_END.split(WHITESPACE.sub(" ", paragraph).strip()) if s]
+
+
+def _read_text(path: str, decode_errors: str) -> str:
+    """File contents as str: UTF-8 with an optional BOM; CRLF and CR become LF."""
+    data = open(path, "rb").read()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    if not data[bom:].strip():
+        raise DataError(f"{path}: file is empty (or only whitespace); remove it from the corpus")
+    try:
+        text = data[bom:].decode("utf-8", errors=decode_errors)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 at byte offset {bom + e.start} (byte 0x{data[bom + e.start]:02x}); "
+                        f"re-encode it (e.g. `iconv -f latin1 -t utf-8`) or pass --decode-errors replace") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _text_layout(lines: list, layout: str) -> str:
+    """'lines' (BERT's format: one sentence per line, blank line between documents) or 'book' (wrapped
+    paragraphs; the file is one document). 'auto' picks 'lines' when >= 60% of non-blank lines end like a
+    sentence: Brown's lines do (~97%), a Gutenberg book's wrapped lines don't (~30%)."""
+    if layout != "auto":
+        return layout
+    filled = [l for l in lines if l]
+    ends = sum(l[-1] in ".!?'\"”’)`" for l in filled)
+    return "lines" if ends >= 0.6 * len(filled) else "book"
+
+
+def _documents_in_file(path: str, decode_errors: str, layout: str) -> tuple:
+    """(list of documents, each a list of paragraphs; the format name). The format comes from the
+    extension (.jsonl -> JSON Lines, .raw -> WikiText), else from content: a first line like " = Title = "
+    -> WikiText, otherwise plain text (see _text_layout)."""
+    text = _read_text(path, decode_errors)
+    lines = [l.strip() for l in text.split("\n")]
+    first = next(l for l in lines if l)
+    if path.endswith(".jsonl"):
+        docs = []
+        for n, line in enumerate(lines, 1):
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+                docs.append(regex.split(r"\n\s*\n", record["text"]))
+            except (json.JSONDecodeError, TypeError, KeyError) as e:
+                raise DataError(f"{path}:{n}: expected a JSON object with a string \"text\" field per line "
+                                f"({type(e).__name__}: {e})") from None
+        return docs, "jsonl"
+    if path.endswith(".raw") or WIKI_TITLE.match(first):
+        docs = [[]]
+        for line in lines:
+            if WIKI_TITLE.match(line):
+                docs.append([])
+            elif line and not WIKI_HEADING.match(line):
+                docs[-1].append(line)
+        return [d for d in docs if d], "wikitext"
+    if _text_layout(lines, layout) == "book":
+        return ["\n".join(lines).split("\n\n")], "book"
+    blocks = "\n".join(lines).split("\n\n")
+    return [[line for line in b.split("\n") if line] for b in blocks if b.strip()], "lines"
+
+
+def _corpus_files(paths: list) -> list:
+    """Files named in `paths`, folders searched recursively for CORPUS_EXTENSIONS, in sorted order."""
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs if f.endswith(CORPUS_EXTENSIONS))
+            if not found:
+                raise DataError(f"{p}: folder contains no text files ({', '.join(CORPUS_EXTENSIONS)})")
+            files += found
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return files
+
+
+def read_corpus(paths: list, decode_errors: str = "strict", layout: str = "auto") -> tuple:
+    """(documents as lists of sentences, report of counts). Paragraphs are sentence-split by SENTENCE_END
+    (for 'lines' files each line is split too, so a line holding two sentences becomes two). Documents with
+    fewer than two sentences are skipped (NSP needs a next sentence) and counted in the report."""
+    docs, report = [], Counter(documents=0, sentences=0, skipped_short_documents=0)
+    for path in _corpus_files(paths):
+        file_docs, fmt = _documents_in_file(path, decode_errors, layout)
+        report[f"files_{fmt}"] += 1
+        for paragraphs in file_docs:
+            sentences = [s for p in paragraphs for s in split_sentences(p)]
+            if len(sentences) < 2:
+                report["skipped_short_documents"] += 1
+                continue
+            docs.append(sentences)
+            report["documents"] += 1
+            report["sentences"] += len(sentences)
+    return docs, dict(report)
+
+
+def split_documents(docs: list, seed: int, valid_fraction: float = 1 / 200) -> tuple:
+    """(train, valid): a seeded random `valid_fraction` of the documents (at least 2) goes to validation,
+    199:1 by default as in the paper; both keep corpus order."""
+    n_valid = max(2, round(len(docs) * valid_fraction))
+    if len(docs) - n_valid < 2:
+        raise DataError(f"the corpus has {len(docs)} usable documents (>= 2 sentences each); need at least "
+                        f"{n_valid + 2} for {n_valid} validation + 2 training documents. Add text.")
+    is_valid = np.zeros(len(docs), bool)
+    is_valid[np.random.default_rng(seed).permutation(len(docs))[:n_valid]] = True
+    return [d for d, v in zip(docs, is_valid) if not v], [d for d, v in zip(docs, is_valid) if v]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token cache: per split, flat token ids + sentence and document offsets, memory-mapped
+
+
+@dataclass
+class DataConfig:
+    corpus: list = field(default_factory=list)  # files/folders of text; empty = the synthetic corpus
+    cache_dir: str = "runs/data"  # where tokenizer.json, the token arrays and header.json are written
+    vocab_size: int = 8192  # BPE vocabulary incl. 5 specials + 256 bytes (16384 for the shared corpus)
+    lowercase: bool = True  # lower-case before BPE, as the paper does
+    seed: int = 0  # seeds the synthetic corpus and the train/valid document split
+    seq_len: int = 128  # tokens per example, [CLS]/[SEP] included (checked here, used by Batches)
+    valid_fraction: float = 1 / 200  # share of documents held out for validation (paper: 199:1)
+    tokenizer: str = ""  # path of a saved tokenizer to use instead of training one on the train split
+    decode_errors: str = "strict"  # "strict": non-UTF-8 input is an error; "replace": decode it as U+FFFD
+    layout: str = "auto"  # plain-text layout: "lines" (BERT's format), "book" (file = one document), "auto"
+    synthetic_docs: int = 2000  # documents in the synthetic corpus (when corpus is empty)
+
+
+@dataclass
+class Split:
+    """One split as three flat arrays. Sentence i is tokens[sent_starts[i]:sent_starts[i + 1]]; document j
+    is sentences doc_starts[j] .. doc_starts[j + 1] - 1. len() is the number of documents."""
+    tokens: np.ndarray  # (num_tokens,) uint16 (int32 if the vocabulary needs it)
+    sent_starts: np.ndarray  # (num_sentences + 1,) int64 offsets into tokens
+    doc_starts: np.ndarray  # (num_docs + 1,) int64 offsets into sentences
+
+    num_docs = property(lambda self: len(self.doc_starts) - 1)
+    num_sentences = property(lambda self: len(self.sent_starts) - 1)
+    num_tokens = property(lambda self: len(self.tokens))
+    __len__ = lambda self: self.num_docs  # noqa: E731
+
+
+@dataclass
+class Prepared:
+    tokenizer: Tokenizer
+    train: Split
+    valid: Split
+    report: dict  # counts from read_corpus and the header (documents, skips, files per format, ...)
+    reused: bool  # True when the cache was read instead of rebuilt
+    unigram_entropy: float  # nats per token of the train split's unigram distribution (specials excluded)
+
+
+CACHE_FORMAT, CACHE_VERSION = "bert-token-cache", 1
+ARRAYS = [f"{split}.{name}" for split in ("train", "valid") for name in ("tokens", "sent_starts", "doc_starts")]
+
+
+def _atomic_write(path: str, write):
+    """write(f) into path + '.tmp', then rename: a crash leaves the old file or none, never half a file."""
+    with open(path + ".tmp", "wb") as f:
+        write(f)
+    os.replace(path + ".tmp", path)
+
+
+def _fingerprint(cfg: DataConfig) -> dict:
+    """Everything the cached arrays depend on; a content hash per input file (BLAKE2, ~1 s per GB)."""
+    files = {}
+    for path in _corpus_files(cfg.corpus):
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        files[os.path.abspath(path)] = h.hexdigest()
+    given = Tokenizer.load(cfg.tokenizer).hash() if cfg.tokenizer else ""
+    keys = ("vocab_size", "lowercase", "seed", "valid_fraction", "decode_errors", "layout", "synthetic_docs")
+    return dict(files=files, tokenizer_file=given, **{k: getattr(cfg, k) for k in keys})
+
+
+def tokenize_documents(docs: list, tok: Tokenizer, name: str = "", progress=print) -> Split:
+    """Encode every sentence once into a Split's flat arrays, printing throughput every ~4 MB."""
+    tokens = array("H" if tok.vocab_size <= 1 << 16 else "i")
+    sent_starts, doc_starts, n_bytes, next_report, t0 = [0], [0], 0, 4e6, time.time()
+    for j, doc in enumerate(docs):
+        for s in doc:
+            tokens.extend(tok.encode(s))
+            sent_starts.append(len(tokens))
+            n_bytes += len(s.encode())
+        doc_starts.append(len(sent_starts) - 1)
+        if n_bytes >= next_report or j + 1 == len(docs):
+            next_report += 4e6
+            progress(f"  tokenized {name}: {j + 1}/{len(docs)} docs, {n_bytes / 1e6:.1f} MB, "
+                     f"{n_bytes / 1e6 / max(time.time() - t0, 1e-9):.2f} MB/s")
+    return Split(np.frombuffer(tokens, tokens.typecode).copy(), np.array(sent_starts, np.int64),
+                 np.array(doc_starts, np.int64))
+
+
+def _load_cache(cfg: DataConfig, key: dict):
+    """(tokenizer, splits, header) if cache_dir holds a complete cache built from `key`, else None.
+    header.json is written last and records every array's size: if it is missing, from other inputs, or
+    an array is truncated, the cache is not used."""
+    header_path = os.path.join(cfg.cache_dir, "header.json")
+    try:
+        with open(header_path) as f:
+            header = json.load(f)
+        tok = Tokenizer.load(os.path.join(cfg.cache_dir, "tokenizer.json"))
+    except (OSError, ValueError):
+        return None
+    if (header.get("format"), header.get("version"), header.get("key")) != (CACHE_FORMAT, CACHE_VERSION, key):
+        return None
+    paths = {name: os.path.join(cfg.cache_dir, name + ".npy") for name in ARRAYS}
+    if tok.hash() != header["tokenizer_hash"] or any(
+            not os.path.exists(p) or os.path.getsize(p) != header["sizes"][n] for n, p in paths.items()):
+        return None
+    arrays = {name: np.load(p, mmap_mode="r") for name, p in paths.items()}
+    splits = [Split(*(arrays[f"{s}.{a}"] for a in ("tokens", "sent_starts", "doc_starts"))) for s in ("train", "valid")]
+    return tok, splits, header
+
+
+def _build_cache(cfg: DataConfig, key: dict, progress) -> tuple:
+    """Read, split, train the tokenizer on the train split, tokenize, write arrays, then header.json."""
+    if cfg.corpus:
+        docs, report = read_corpus(cfg.corpus, cfg.decode_errors, cfg.layout)
+    else:
+        docs = synthetic_corpus(cfg.seed, cfg.synthetic_docs)
+        report = {"documents": len(docs), "sentences": sum(map(len, docs)), "files_synthetic": 0}
+    progress(f"read {report['documents']} documents, {report['sentences']} sentences")
+    train_docs, valid_docs = split_documents(docs, cfg.seed, cfg.valid_fraction)
+    os.makedirs(cfg.cache_dir, exist_ok=True)
+    header_path = os.path.join(cfg.cache_dir, "header.json")
+    if os.path.exists(header_path):
+        os.remove(header_path)  # from here on, an interrupted build leaves no valid cache behind
+    if cfg.tokenizer:
+        tok = Tokenizer.load(cfg.tokenizer)
+    else:
+        t0 = time.time()
+        tok = Tokenizer.train((s for d in train_docs for s in d), cfg.vocab_size, cfg.lowercase, progress)
+        progress(f"trained BPE: {tok.vocab_size} tokens in {time.time() - t0:.1f} s")
+    tok.save(os.path.join(cfg.cache_dir, "tokenizer.json"))
+    splits = [tokenize_documents(d, tok, name, progress) for d, name in ((train_docs, "train"), (valid_docs, "valid"))]
+    sizes = {}
+    for split, name in zip(splits, ("train", "valid")):
+        for a in ("tokens", "sent_starts", "doc_starts"):
+            path = os.path.join(cfg.cache_dir, f"{name}.{a}.npy")
+            _atomic_write(path, lambda f: np.save(f, getattr(split, a)))
+            sizes[f"{name}.{a}"] = os.path.getsize(path)
+    header = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "tokenizer_hash": tok.hash(),
+              "sizes": sizes, "report": report}
+    _atomic_write(header_path, lambda f: f.write(json.dumps(header, indent=1).encode()))
+    return tok, splits, header
+
+
+def unigram_entropy(split: Split, vocab_size: int) -> float:
+    """Entropy (nats) of the split's token frequencies: the MLM loss of a model that ignores context."""
+    counts = np.bincount(split.tokens, minlength=vocab_size)[len(SPECIALS):].astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def prepare(cfg: DataConfig, progress=print) -> Prepared:
+    """Tokenized train/valid splits for `cfg`, from cfg.cache_dir when it was built from the same inputs
+    (file contents, tokenizer, settings), else rebuilt there. Arrays are memory-mapped, not loaded."""
+    if cfg.seq_len < 8:
+        raise DataError(f"seq_len={cfg.seq_len} is too short: [CLS] A [SEP] B [SEP] needs at least 8")
+    key = _fingerprint(cfg)
+    cached = _load_cache(cfg, key)
+    reused = cached is not None
+    if reused:
+        progress(f"reusing token cache in {cfg.cache_dir}")
+    else:
+        progress(f"building token cache in {cfg.cache_dir}")
+        _build_cache(cfg, key, progress)
+        cached = _load_cache(cfg, key)  # read back memory-mapped, exactly as a later run will
+    tok, (train, valid), header = cached
+    return Prepared(tok, train, valid, header["report"], reused, unigram_entropy(train, tok.vocab_size))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches: [CLS] A [SEP] B [SEP] with NSP labels and dynamic MLM masks
+
+
+def truncate_lengths(len_a: int, len_b: int, max_tokens: int) -> tuple:
+    """Lengths after BERT's truncate_seq_pair: drop one token at a time from the longer side (B on ties).
+    truncate_lengths(10, 3, 8) == (5, 3); truncate_lengths(6, 6, 8) == (4, 4); (7, 6, 8) -> (4, 4)."""
+    excess = len_a + len_b - max_tokens
+    if excess <= 0:
+        return len_a, len_b
+    cut = min(excess, abs(len_a - len_b))  # first the longer side down to the shorter one
+    len_a, len_b = (len_a - cut, len_b) if len_a > len_b else (len_a, len_b - cut)
+    excess -= cut
+    return len_a - excess // 2, len_b - (excess + 1) // 2  # then alternately, B first
+
+
+class Batches:
+    """MLM + NSP examples drawn on the fly from a Split. Example `e` depends only on (seed, e).
+
+    Building example e (BERT's create_instances_from_document, one instance at a time):
+    1. target length = seq_len - 3, or with prob short_seq_prob a random length in [2, seq_len - 3];
+    2. a random sentence s starts a chunk of consecutive sentences of its document reaching the target
+       (moved back when the document ends first, so chunks near a document's end are full too);
+    3. A = the chunk's first k sentences (k random); B = the rest of the chunk (NSP label 0), or with
+       prob 0.5 consecutive sentences from a random start in another document (label 1);
+    4. the longer of A and B is cut one token at a time, at a random end, until the pair fits;
+    5. MLM: round(15%) of A and B's tokens (at least 1) are chosen; 80% -> [MASK], 10% -> a random
+       ordinary token, 10% unchanged; labels hold the original ids there and IGNORE elsewhere.
+    """
+
+    def __init__(self, split: Split, tokenizer: Tokenizer, seq_len: int, seed: int, mlm_prob: float = 0.15,
+                 short_seq_prob: float = 0.1):
+        if split.num_docs < 2:
+            raise DataError(f"a split with {split.num_docs} document(s) cannot make NSP pairs; need >= 2")
+        if seq_len < 8:
+            raise DataError(f"seq_len={seq_len} is too short: [CLS] A [SEP] B [SEP] needs at least 8")
+        self.split, self.vocab_size, self.seq_len, self.seed = split, tokenizer.vocab_size, seq_len, seed
+        self.mlm_prob, self.short_seq_prob = mlm_prob, short_seq_prob
+        # sentence -> its document, for O(1) lookups
+        self.doc_of = np.repeat(np.arange(split.num_docs), np.diff(split.doc_starts))
+        self.starts = np.asarray(split.sent_starts)
+        self.doc_starts = np.asarray(split.doc_starts)
+
+    def _window(self, s: int, target: int, min_sentences: int, doc: int) -> tuple:
+        """Sentences [start, end) of document `doc` holding >= target tokens where the document allows:
+        start = s, moved back when the document would end first, so that windows are full, not short."""
+        first, last, starts = int(self.doc_starts[doc]), int(self.doc_starts[doc + 1]), self.starts
+        latest = int(np.searchsorted(starts, starts[last] - target, side="right")) - 1  # last start that fits
+        start = max(first, min(s, latest, last - min_sentences))
+        end = int(np.searchsorted(starts, starts[start] + target, side="left"))
+        return start, min(max(end, start + min_sentences), last)
+
+    def _pair(self, rng) -> tuple:
+        """(A, B, is_random): token arrays of the two segments, before truncation."""
+        max_tokens = self.seq_len - 3
+        target = max_tokens if rng.random() >= self.short_seq_prob else int(rng.integers(2, max_tokens + 1))
+        is_random = bool(rng.random() < 0.5)
+        s = int(rng.integers(self.split.num_sentences))
+        d = int(self.doc_of[s])
+        s, end = self._window(s, target, 1 if is_random else 2, d)  # a true next B needs 2+ sentences
+        a_end = s + 1 if end - s == 1 else int(rng.integers(s + 1, end))
+        tokens, starts = self.split.tokens, self.starts
+        a = tokens[starts[s]:starts[a_end]]
+        if not is_random:
+            return a, tokens[starts[a_end]:starts[end]], False
+        r = int(rng.integers(self.split.num_docs - 1))
+        r += r >= d  # any document but d
+        rs = int(rng.integers(self.doc_starts[r], self.doc_starts[r + 1]))
+        rs, r_end = self._window(rs, max(1, target - len(a)), 1, r)
+        return a, tokens[starts[rs]:starts[r_end]], True
+
+    def _example(self, e: int, ids, types, labels) -> int:
+        """Fill row buffers (T,) with example e; return its NSP label."""
+        rng = np.random.default_rng([self.seed, e])
+        a, b, is_random = self._pair(rng)
+        la, lb = truncate_lengths(len(a), len(b), self.seq_len - 3)
+        front_a, front_b = rng.binomial(len(a) - la, 0.5), rng.binomial(len(b) - lb, 0.5)  # cut at random ends
+        ids[0], ids[la + 1], ids[la + lb + 2] = CLS, SEP, SEP
+        ids[1:la + 1] = a[front_a:front_a + la]
+        ids[la + 2:la + lb + 2] = b[front_b:front_b + lb]
+        types[la + 2:la + lb + 3] = 1
+        candidates = np.r_[1:la + 1, la + 2:la + lb + 2]  # positions of A and B tokens
+        n_pred = max(1, int(round(len(candidates) * self.mlm_prob)))
+        chosen = rng.permutation(candidates)[:n_pred]
+        labels[chosen] = ids[chosen]
+        action = rng.random(n_pred)
+        ids[chosen[action < 0.8]] = MASK
+        random_pos = chosen[action >= 0.9]
+        ids[random_pos] = rng.integers(len(SPECIALS), self.vocab_size, size=len(random_pos))
+        return int(is_random)
+
+    def get(self, example_ids: Sequence[int]) -> dict:
+        """Batch of the given examples: input_ids, token_type_ids, attention_mask, mlm_labels (B, T), nsp_labels (B,)."""
+        n, T = len(example_ids), self.seq_len
+        ids, types = np.full((n, T), PAD, np.int64), np.zeros((n, T), np.int64)
+        labels, nsp = np.full((n, T), IGNORE, np.int64), np.zeros(n, np.int64)
+        for row, e in enumerate(example_ids):
+            nsp[row] = self._example(int(e), ids[row], types[row], labels[row])
+        batch = dict(input_ids=ids, token_type_ids=types, attention_mask=(ids != PAD).astype(np.int64),
+                     mlm_labels=labels, nsp_labels=nsp)
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def for_step(self, step: int, global_batch: int, rank: int = 0, world_size: int = 1, micro: int = 0,
+                 n_micro: int = 1) -> dict:
+        """This rank's micro-batch of the global batch at `step` (example ids step*G .. step*G + G - 1).
+        Rank r takes the contiguous share [r*G/W, (r+1)*G/W), micro-batch m the m-th of n_micro slices of it,
+        so W ranks x M micro-batches see the same examples for every W*M with the same G."""
+        if global_batch % (world_size * n_micro):
+            raise DataError(f"global batch {global_batch} is not divisible by world_size {world_size} x "
+                            f"micro-batches {n_micro}; pick a multiple of {world_size * n_micro}")
+        if not (0 <= rank < world_size and 0 <= micro < n_micro):
+            raise ValueError(f"rank {rank} / micro {micro} out of range ({world_size} ranks, {n_micro} micro)")
+        size = global_batch // (world_size * n_micro)
+        first = step * global_batch + (rank * n_micro + micro) * size
+        return self.get(range(first, first + size))
+
+
+def show_example(tok: Tokenizer, batch: dict, row: int = 0) -> str:
+    """One example as text with its NSP label; specials are spaced out so [MASK]s stand out."""
+    ids = batch["input_ids"][row][batch["attention_mask"][row] == 1].tolist()
+    text = "".join(f" {SPECIALS[i]} " if i < len(SPECIALS) else tok.decode([i]) for i in ids)
+    relation = "random B" if batch["nsp_labels"][row] else "true next B"
+    return f"({relation}) " + WHITESPACE.sub(" ", text).strip()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Build (or reuse) the token cache and show a sample batch.")
+    # input
+    p.add_argument("--corpus", nargs="*", default=[], help="text files/folders (.txt .raw .jsonl); none = synthetic")
+    p.add_argument("--layout", choices=["auto", "lines", "book"], default="auto",
+                   help="plain text: 'lines' = one sentence per line, blank line between documents (BERT); "
+                        "'book' = wrapped paragraphs, one document per file; 'auto' decides per file")
+    p.add_argument("--decode-errors", choices=["strict", "replace"], default="strict",
+                   help="non-UTF-8 bytes: 'strict' stops with the file and offset, 'replace' decodes them as U+FFFD")
+    p.add_argument("--synthetic-docs", type=int, default=2000, help="documents in the synthetic corpus")
+    # tokenizer and cache
+    p.add_argument("--out", default="runs/data", help="cache folder (tokenizer.json, token arrays, header.json)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size incl. 261 base tokens")
+    p.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True, help="lower-case text first")
+    p.add_argument("--tokenizer", default="", help="use this saved tokenizer.json instead of training one")
+    # split and batches
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus, the split and the sample batch")
+    p.add_argument("--valid-fraction", type=float, default=1 / 200, help="share of documents for validation")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per example in the sample batch")
+    args = p.parse_args()
+    if not 0 < args.valid_fraction < 1:
+        p.error(f"--valid-fraction must be in (0, 1), got {args.valid_fraction}")
+
+    cfg = DataConfig(corpus=args.corpus, cache_dir=args.out, vocab_size=args.vocab_size, lowercase=args.lowercase,
+                     seed=args.seed, seq_len=args.seq_len, valid_fraction=args.valid_fraction, tokenizer=args.tokenizer,
+                     decode_errors=args.decode_errors, layout=args.layout, synthetic_docs=args.synthetic_docs)
+    try:
+        prep = prepare(cfg)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"report: {json.dumps(prep.report)}")
+    for name, split in (("train", prep.train), ("valid", prep.valid)):
+        print(f"{name}: {split.num_docs:,} docs, {split.num_sentences:,} sentences, {split.num_tokens:,} tokens")
+    print(f"vocab: {prep.tokenizer.vocab_size}, unigram entropy {prep.unigram_entropy:.3f} nats "
+          f"(the MLM loss of a context-free model)")
+    batch = Batches(prep.train, prep.tokenizer, cfg.seq_len, cfg.seed).get(range(2))
+    for row in range(2):
+        print(show_example(prep.tokenizer, batch, row))
