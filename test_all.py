@@ -194,3 +194,150 @@ def test_initialisation_follows_bert():
     assert torch.all(model.layers[0].ffn.inner.bias == 0) and torch.all(model.mlm_bias == 0)
     out = model(**random_batch(vocab=3000))
     assert abs(out.mlm_loss.item() - math.log(3000)) < 0.5  # an untrained head is close to uniform
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.py: LAMB
+
+
+def lamb_by_the_paper(params, grads_per_step, lr, b1, b2, eps, wd, excluded, max_grad_norm=None):
+    """You et al. 2019, Algorithm 2, transcribed directly in float64 numpy, one tensor at a time."""
+    import numpy as np
+    w = [p.detach().double().numpy().copy() for p in params]
+    m = [np.zeros_like(x) for x in w]
+    v = [np.zeros_like(x) for x in w]
+    for t, grads in enumerate(grads_per_step, start=1):
+        g = [x.double().numpy() for x in grads]
+        if max_grad_norm:
+            total = math.sqrt(sum(float((x ** 2).sum()) for x in g))
+            g = [x * min(1.0, max_grad_norm / (total + 1e-12)) for x in g]
+        for i in range(len(w)):
+            m[i] = b1 * m[i] + (1 - b1) * g[i]
+            v[i] = b2 * v[i] + (1 - b2) * g[i] ** 2
+            m_hat, v_hat = m[i] / (1 - b1 ** t), v[i] / (1 - b2 ** t)
+            r = m_hat / (np.sqrt(v_hat) + eps)
+            if i in excluded:
+                w[i] = w[i] - lr * r
+                continue
+            u = r + wd * w[i]
+            w_norm, u_norm = np.linalg.norm(w[i]), np.linalg.norm(u)
+            trust = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+            w[i] = w[i] - lr * trust * u
+    return w
+
+
+@pytest.mark.parametrize("with_exclusions", [True, False])
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+def test_lamb_matches_the_paper(with_exclusions, max_grad_norm):
+    import train
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64)),
+              torch.nn.Parameter(torch.randn(5, dtype=torch.float64)),
+              torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))]  # zero weight: trust ratio 1
+    excluded = {1} if with_exclusions else set()
+    groups = [{"params": [p for i, p in enumerate(params) if i not in excluded], "weight_decay": 0.01, "trust": True},
+              {"params": [p for i, p in enumerate(params) if i in excluded], "weight_decay": 0.0, "trust": False}]
+    start = [p.detach().clone() for p in params]
+    opt = train.Lamb(groups, lr=0.01, betas=(0.9, 0.999), eps=1e-6, max_grad_norm=max_grad_norm)
+    steps = [[torch.randn_like(p) for p in params] for _ in range(5)]
+    for grads in steps:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    expected = lamb_by_the_paper(start, steps, 0.01, 0.9, 0.999, 1e-6, 0.01, excluded, max_grad_norm)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), torch.from_numpy(e), rtol=1e-10, atol=1e-12)
+    assert not torch.equal(params[2].detach(), start[2])  # the zero tensor moved (trust ratio fell back to 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.py: resume, switches, DDP, flags
+
+TINY_RUN = ["--preset", "tiny", "--batch-size", "8", "--seq-len", "32", "--warmup", "2", "--log-every", "1",
+            "--eval-every", "1000", "--eval-batches", "2", "--save-every", "1000", "--vocab-size", "300"]
+
+
+@pytest.fixture(scope="module")
+def run_cache(tmp_path_factory):
+    """One token cache (synthetic corpus) shared by the training tests."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def train_losses(out) -> dict:
+    import train
+    return {r["step"]: r["loss"] for r in train.read_log(str(out)) if "loss" in r}
+
+
+def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, run_cache):
+    """Stops at a switch boundary, one step after a switch, and mid-stage; each resume continues exactly."""
+    import train
+    args = TINY_RUN + ["--schedule", "3:3,6:3,12:4", "--steps", "10", "--cache-dir", run_cache]
+    assert train.main(args + ["--out", str(tmp_path / "whole")]) == 0
+    broken = ["--out", str(tmp_path / "broken")]
+    assert train.main(args + broken + ["--stop-after", "3"]) == 0
+    for stop in ("4", "8", "0"):
+        assert train.main(args + broken + ["--resume", "--stop-after", stop]) == 0
+    whole, resumed = train_losses(tmp_path / "whole"), train_losses(tmp_path / "broken")
+    assert sorted(whole) == sorted(resumed) == list(range(1, 11))
+    for step in whole:
+        assert whole[step] == pytest.approx(resumed[step], rel=1e-6, abs=1e-6), step
+    ckpt = train.load_checkpoint(str(tmp_path / "broken" / "checkpoint.pt"))
+    assert ckpt["step"] == 10 and ckpt["config"]["n_layer"] == 12
+    assert os.path.exists(tmp_path / "broken" / "stage1_end.pt") and os.path.exists(tmp_path / "whole" / "val_loss.svg")
+
+
+def test_switch_resets_optimizer_keeps_lr_and_leaves_frozen_out(tmp_path, run_cache):
+    import stack
+    import train
+    cfg, _ = train.parse_args(TINY_RUN + ["--method", "mslt", "--steps", "10", "--cache-dir", run_cache, "--out", str(tmp_path)])
+    cfg = train.finish_config(cfg, world=1)
+    t = train.Trainer(cfg, train.Dist())
+    t.start()
+    switch = t.schedule.switch_steps[0]
+    lrs = []
+    for _ in range(switch):
+        lrs.append(t.train_step()["lr"])
+        t.step += 1
+    assert all(len(s) > 0 for s in t.optimizer.state.values())
+    t.grow(1)
+    assert len(t.optimizer.state) == 0  # fresh moments, step 0
+    in_opt = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    trainable = {id(p) for p in t.model.parameters() if p.requires_grad}
+    frozen = {id(p) for p in t.model.parameters() if not p.requires_grad}
+    assert in_opt == trainable and frozen and not (frozen & in_opt)
+    assert id(t.model.tok_emb.weight) in frozen
+    lrs.append(t.train_step()["lr"])
+    expected = [train.get_lr(s, cfg, 0) for s in range(switch + 1)]
+    assert lrs == pytest.approx(expected)  # the same continuous schedule through the switch
+    assert all(s["step"].item() == 1 for s in t.optimizer.state.values())
+    assert isinstance(t.schedule, stack.Schedule)
+
+
+def test_bad_flags_fail_at_once_naming_them(tmp_path):
+    import time
+    import train
+    for argv, flag in ([["--batch-size", "30", "--micro-batch", "4"], "--batch-size"],
+                       [["--schedule", "3:50,6:50", "--steps", "100"], "--schedule"],
+                       [["--method", "mslt", "--k", "5"], "--k"],
+                       [["--warmup", "700"], "--warmup"]):
+        start = time.perf_counter()
+        with pytest.raises(SystemExit) as e:
+            train.main(argv + ["--out", str(tmp_path)])
+        assert flag in str(e.value) and time.perf_counter() - start < 1.0, (argv, str(e.value))
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path, run_cache):
+    """2 gloo ranks x 4 examples give the losses of 1 process x 2 micro-batches of 4 (MSLT: frozen layers too)."""
+    import subprocess
+    import sys
+    args = TINY_RUN + ["--method", "mslt", "--steps", "6", "--k", "2", "--dropout", "0", "--cache-dir", run_cache]
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                    "train.py", *args, "--out", str(tmp_path / "ddp")], cwd=here, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "train.py", *args, "--micro-batch", "4", "--out", str(tmp_path / "one")],
+                   cwd=here, env=env, check=True, capture_output=True)
+    ddp, one = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "one")
+    assert sorted(ddp) == sorted(one) == list(range(1, 7))
+    for step in one:
+        assert ddp[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5), step

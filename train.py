@@ -1,0 +1,727 @@
+"""Pre-train BERT with a growth schedule: baseline, progressive stacking, identity, MSLT, ALBERT-group MSLT.
+
+The loop of both papers: train a stage, grow the model at the switch step (stack.py), build a fresh
+optimizer over the trainable parameters (Adam's moments reset, as the stacking paper's code does; MSLT's
+frozen layers simply drop out), keep the learning-rate schedule continuous, go on. Adam with decoupled
+weight decay (stacking paper, section 4.1) or LAMB (MSLT, section 4.1; You et al. 2019, written here).
+
+    python train.py                                   # tiny BERT, progressive stacking, synthetic corpus, ~2 min
+    python train.py --method mslt --optimizer lamb    # MSLT (k = 4 stages plus retrain)
+    python train.py --corpus ../shared/data/gutenberg --preset cpu-12x128 --steps 2000 --out runs/gut
+    torchrun --nproc_per_node=2 train.py ...          # DDP: NCCL on CUDA, gloo on CPU
+    python train.py --resume --out runs/stack         # continue from the latest checkpoint
+    python train.py --plot runs/baseline runs/stack   # validation loss against wall time, as SVG
+
+Every run directory holds `checkpoint.pt` (latest, written atomically), `stage<i>_end.pt` (the model at
+the end of each stage, before growth), `log.jsonl` (one record per log step and per validation) and
+`val_loss.svg`.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import bert
+import data
+import stack
+
+CHECKPOINT_FORMAT = "progressive-bert-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    # model
+    preset: str = "tiny"  # model size from bert.PRESETS; the vocabulary comes from the tokenizer
+    pre_norm: bool = True  # pre-LN as in the stacking paper's code (identity growth is exact only there)
+    dropout: float = 0.1  # dropout on embeddings, residual branches and attention probabilities
+    # growth schedule
+    method: str = "stack"  # baseline | stack | identity | identity-noise | mslt | albert-mslt
+    schedule: str = ""  # explicit schedule such as "3:50,6:70,12:280" (overrides --method's proportions)
+    grow: str = "stack"  # growth operator of an explicit --schedule
+    steps: int = 600  # total optimizer steps of the whole run
+    k: int = 4  # MSLT stages
+    # data
+    corpus: list = field(default_factory=list)  # files or folders; empty = the built-in synthetic corpus
+    cache_dir: str = "runs/cache"  # tokenizer and tokenized arrays, reused across runs
+    vocab_size: int = 2000  # BPE vocabulary when a tokenizer is trained
+    seq_len: int = 64  # tokens per example
+    batch_size: int = 32  # global batch (examples per optimizer step, all ranks and micro-batches)
+    micro_batch: int = 0  # examples per forward/backward on one rank; 0 = batch_size / world size
+    data_seed: int = 0  # seed of corpus split, pairs and masks
+    # optimizer
+    optimizer: str = "adam"  # adam (AdamW, decoupled decay) | lamb
+    lr: float = 2e-3  # peak learning rate
+    warmup: int = 30  # linear warm-up steps at the start of the run (once, not after each switch)
+    weight_decay: float = 0.01  # on matrices only, not on biases and LayerNorm
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-6
+    clip: float = 1.0  # max global gradient norm (0 = no clipping)
+    rewarmup: int = 0  # ablation: linear re-warm-up steps after each optimizer reset
+    carry_moments: bool = False  # ablation: copy Adam/LAMB moments into copied layers instead of resetting
+    # run
+    out: str = ""  # run directory; default runs/<method>
+    seed: int = 0  # model initialisation and dropout
+    device: str = ""  # cpu | cuda; default cuda when available
+    dtype: str = ""  # float32 | bf16 (autocast); default bf16 where supported on CUDA, else float32
+    compile: bool = False  # torch.compile the model (again after every growth)
+    log_every: int = 10  # steps between progress lines
+    eval_every: int = 50  # steps between validations (and always at each switch and at the end)
+    eval_batches: int = 8  # validation batches of batch_size examples each
+    save_every: int = 100  # steps between checkpoints (and always at each switch and at the end)
+    resume: bool = False  # continue from <out>/checkpoint.pt
+    overwrite: bool = False  # start afresh even if <out> holds a run
+    stop_after: int = 0  # stop with a checkpoint after this step, as an interruption would (0 = never)
+
+
+# Fields a resumed run may change; any other difference from the checkpoint's config is an error.
+RESUMABLE_CHANGES = {"out", "device", "compile", "log_every", "eval_every", "save_every", "resume", "overwrite",
+                     "stop_after", "cache_dir", "corpus"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed set-up: torchrun's environment variables, rank-0 printing.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    if "RANK" not in os.environ:
+        return Dist()
+    d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    if device == "cuda":
+        torch.cuda.set_device(d.local_rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return d
+
+
+def all_reduce_mean(values: list, d: Dist) -> list:
+    """Average a list of floats over ranks (logged numbers are the same on every rank)."""
+    if d.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return (t / d.world).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizers: parameter groups, AdamW, LAMB, the learning-rate schedule.
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list:
+    """Two groups of the trainable parameters: matrices decay; biases and LayerNorm parameters (1-d) don't.
+
+    Frozen parameters (MSLT's bottom layers) are left out, so the optimizer never touches them.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "trust": True},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "trust": False},
+    ]
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2019, Algorithm 2): Adam's bias-corrected direction plus decoupled weight decay,
+    scaled per tensor by the trust ratio ||w|| / ||update|| (1 when either norm is 0).
+
+    Groups with trust=False (biases, LayerNorm) get the plain Adam update, no trust ratio. With
+    `max_grad_norm` the gradients are first scaled so their global norm is at most that value.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, max_grad_norm=None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust=True)
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+
+    def _grad_scale(self) -> float:
+        """Factor that brings the global gradient norm down to max_grad_norm (1 when already below)."""
+        if not self.max_grad_norm:
+            return 1.0
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads])).item()
+        return min(1.0, self.max_grad_norm / (norm + 1e-12))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        scale = self._grad_scale()
+        for g in self.param_groups:
+            beta1, beta2 = g["betas"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros(())
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"].item()
+                grad = p.grad * scale
+                state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)  # m_t
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v_t
+                m_hat = state["exp_avg"] / (1 - beta1 ** t)
+                v_hat = state["exp_avg_sq"] / (1 - beta2 ** t)
+                update = m_hat / (v_hat.sqrt() + g["eps"]) + g["weight_decay"] * p
+                ratio = 1.0
+                if g["trust"]:
+                    w_norm, u_norm = p.norm().item(), update.norm().item()
+                    ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+                p.add_(update, alpha=-g["lr"] * ratio)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """A fresh optimizer over the trainable parameters: zero moments, step 0 (the papers' reset)."""
+    groups = param_groups(model, cfg.weight_decay)
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "lamb":
+        return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    for g in groups:
+        g.pop("trust")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+
+
+def get_lr(step: int, cfg: TrainConfig, stage_start: int) -> float:
+    """Linear warm-up once at the start, then linear decay to 0 at the last step: continuous across
+    switches. With --rewarmup, a short linear ramp after each optimizer reset (an ablation)."""
+    if step < cfg.warmup:
+        lr = cfg.lr * (step + 1) / cfg.warmup
+    else:
+        lr = cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
+    if cfg.rewarmup and stage_start > 0:
+        lr *= min(1.0, (step - stage_start + 1) / cfg.rewarmup)
+    return lr
+
+
+def carry_moments(old_opt, new_opt, old_model, new_model, sources):
+    """Ablation: start the new optimizer with the old one's state for parameters that were copied.
+
+    Parameters are paired by structure: non-layer modules by name (the same in both models), new layer j
+    with old layer sources[j] module by module. Fresh layers (identity growth) keep empty state.
+    """
+    old_named = {n: p for n, p in old_model.named_parameters() if not n.startswith("layers.")}
+    pairs = [(p, old_named[n]) for n, p in new_model.named_parameters() if n in old_named]
+    for j, i in enumerate(sources):
+        if i is not None:
+            pairs += zip(new_model.layers[j].parameters(), old_model.layers[i].parameters())
+    trainable = {id(p) for g in new_opt.param_groups for p in g["params"]}
+    for new_p, old_p in pairs:
+        if id(new_p) in trainable and old_p in old_opt.state:
+            new_opt.state[new_p] = {k: v.clone() for k, v in old_opt.state[old_p].items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts, written atomically, read with weights_only=True.
+
+
+def save_checkpoint(path: str, state: dict):
+    """Write to a temporary file, then rename: the previous checkpoint survives until the new one is whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint without running code from it; a clear error for a corrupt or foreign file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {e}). It may be "
+                         f"truncated or corrupt; delete it, or copy a stage<i>_end.pt over it, and resume again.")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise SystemExit(f"error: {path} is not a checkpoint written by train.py")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise SystemExit(f"error: {path} has checkpoint version {ckpt.get('version')}, this train.py reads {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+def check_resumable(ckpt: dict, cfg: TrainConfig, path: str):
+    """Refuse to resume a run with different settings: name each differing flag."""
+    saved = ckpt["train_config"]
+    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {v!r}"
+             for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if diffs:
+        raise SystemExit(f"error: cannot resume {path} with different settings:\n  " + "\n  ".join(diffs)
+                         + "\nUse the original flags, or --overwrite to start a new run there.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logging: one readable line per log step, a JSONL record beside it, and an SVG plot.
+
+
+def fmt_time(seconds: float) -> str:
+    """3725 -> '1h02m', 125 -> '2m05s', 7.5 -> '7s'."""
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def append_jsonl(path: str, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: str, step: int):
+    """On resume, drop records the interrupted run wrote after its checkpoint (they are redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def read_log(run_dir: str) -> list:
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} does not exist; is {run_dir} a run directory of train.py?")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
+
+
+def svg_plot(series: dict, path: str, xlabel: str, ylabel: str, title: str, hline: Optional[tuple] = None):
+    """Write a line plot as SVG with no plotting library. series: {label: [(x, y), ...]};
+    hline: optional (y, label) reference line, e.g. the corpus's unigram entropy."""
+    W, H, L, R, T, B = 720, 440, 70, 190, 40, 55  # canvas and margins
+    pts = [p for s in series.values() for p in s]
+    ys = [y for _, y in pts] + ([hline[0]] if hline else [])
+    x0, x1 = 0.0, max(x for x, _ in pts) or 1.0
+    y0, y1 = min(ys), max(ys)
+    y0, y1 = (y0 - 0.05 * (y1 - y0 or 1), y1 + 0.05 * (y1 - y0 or 1))
+    sx = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
+    sy = lambda y: T + (y1 - y) / (y1 - y0) * (H - T - B)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{(W - R + L) / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>',
+           f'<rect x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}" fill="none" stroke="#444"/>']
+    for i in range(6):
+        xv, yv = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+        out.append(f'<text x="{sx(xv):.1f}" y="{H - B + 18}" text-anchor="middle">{xv:.3g}</text>')
+        out.append(f'<text x="{L - 6}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
+        out.append(f'<line x1="{L}" x2="{W - R}" y1="{sy(yv):.1f}" y2="{sy(yv):.1f}" stroke="#eee"/>')
+    out.append(f'<text x="{(W - R + L) / 2}" y="{H - 12}" text-anchor="middle">{xlabel}</text>')
+    out.append(f'<text transform="translate(16,{(H - B + T) / 2}) rotate(-90)" text-anchor="middle">{ylabel}</text>')
+    if hline:
+        out.append(f'<line x1="{L}" x2="{W - R}" y1="{sy(hline[0]):.1f}" y2="{sy(hline[0]):.1f}" stroke="#999" stroke-dasharray="5,4"/>')
+        out.append(f'<text x="{W - R - 4}" y="{sy(hline[0]) - 5:.1f}" text-anchor="end" fill="#666">{hline[1]}</text>')
+    for i, (label, s) in enumerate(series.items()):
+        color = COLORS[i % len(COLORS)]
+        poly = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
+        out.append(f'<polyline points="{poly}" fill="none" stroke="{color}" stroke-width="2"/>')
+        out.append(f'<line x1="{W - R + 12}" x2="{W - R + 36}" y1="{T + 10 + 18 * i}" y2="{T + 10 + 18 * i}" stroke="{color}" stroke-width="3"/>')
+        out.append(f'<text x="{W - R + 42}" y="{T + 14 + 18 * i}">{label}</text>')
+    out.append("</svg>")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("\n".join(out))
+    os.replace(tmp, path)
+
+
+def val_curve(records: list) -> list:
+    """(training wall minutes, validation loss) points of a run's log."""
+    return [(r["wall"] / 60, r["val_loss"]) for r in records if "val_loss" in r]
+
+
+def plot_runs(run_dirs: list, path: str):
+    """Validation loss against training wall time (validation excluded) for one or several runs."""
+    series = {os.path.basename(os.path.normpath(d)): val_curve(read_log(d)) for d in run_dirs}
+    svg_plot(series, path, "training wall time (min, validation excluded)", "validation loss (MLM + NSP)",
+             "Validation loss against wall time")
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training run.
+
+
+class Trainer:
+    """Holds the model, optimizer and data of one run and moves them through the schedule's stages."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist):
+        self.cfg, self.d = cfg, d
+        self.device = torch.device(cfg.device)
+        self.autocast = cfg.dtype == "bf16"
+        self.out = cfg.out
+        self.log_path = os.path.join(self.out, "log.jsonl")
+        self.schedule = make_schedule(cfg)
+        self.prepared = prepare_data(cfg, d)
+        tok = self.prepared.tokenizer
+        self.train_batches = data.Batches(self.prepared.train, tok, cfg.seq_len, seed=cfg.data_seed)
+        self.valid_batches = data.Batches(self.prepared.valid, tok, cfg.seq_len, seed=cfg.data_seed + 1)
+        self.micro = cfg.micro_batch or cfg.batch_size // d.world
+        self.n_micro = cfg.batch_size // (d.world * self.micro)
+        self.stop_requested = False
+        self.last_val_step = -1
+
+    # -- model and optimizer -------------------------------------------------------------------------------
+
+    def base_config(self) -> bert.BertConfig:
+        c = self.cfg
+        return bert.preset(c.preset, vocab_size=self.prepared.tokenizer.vocab_size, pre_norm=c.pre_norm,
+                           dropout=c.dropout, attn_dropout=c.dropout, max_position=max(c.seq_len, 128))
+
+    def set_model(self, model: bert.Bert, stage: int, step: int, old_model=None, sources=None):
+        """Install a model for `stage`: move it to the device, build the fresh optimizer, wrap it in DDP
+        (which then synchronises only the trainable parameters) and, if asked, compile it."""
+        old_opt = getattr(self, "optimizer", None)
+        self.model, self.stage = model.to(self.device), stage
+        self.stage_start = self.schedule.stage_at(step)[1]
+        self.optimizer = build_optimizer(model, self.cfg)
+        if self.cfg.carry_moments and old_model is not None:
+            carry_moments(old_opt, self.optimizer, old_model, model, sources)
+        wrapped = model
+        if self.d.world > 1:
+            wrapped = DDP(model, device_ids=[self.d.local_rank] if self.device.type == "cuda" else None)
+        self.wrapped = torch.compile(wrapped) if self.cfg.compile else wrapped
+
+    def start(self):
+        """Fresh model for stage 0, or everything from the latest checkpoint."""
+        ckpt_path = os.path.join(self.out, "checkpoint.pt")
+        if self.cfg.resume and os.path.exists(ckpt_path):
+            ckpt = load_checkpoint(ckpt_path)
+            check_resumable(ckpt, self.cfg, ckpt_path)
+            model = bert.Bert(bert.BertConfig(**ckpt["config"]))
+            model.load_state_dict(ckpt["model"])
+            stack.set_trainable(model, self.schedule.stages[ckpt["stage"]].trainable_top)
+            self.set_model(model, ckpt["stage"], ckpt["step"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.step, self.wall = ckpt["step"], ckpt["wall"]
+            if self.d.master:
+                truncate_log(self.log_path, self.step)
+            self.print(f"resumed {ckpt_path} at step {self.step} (stage {self.stage}, {model.config.n_layer} layers)")
+            return
+        torch.manual_seed(self.cfg.seed)
+        model = bert.Bert(stack.initial_config(self.schedule, self.base_config()))
+        stack.set_trainable(model, self.schedule.stages[0].trainable_top)
+        self.set_model(model, 0, 0)
+        self.step, self.wall = 0, 0.0
+        if self.d.master and os.path.exists(self.log_path):
+            os.remove(self.log_path)
+
+    def grow(self, stage: int):
+        """The switch: save the trained shallow model, grow it, reset the optimizer."""
+        old = self.model
+        self.save(os.path.join(self.out, f"stage{self.stage}_end.pt"))
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + stage)
+        new = stack.grow_to(old, self.schedule, stage, generator=generator)
+        sources = stack.layer_sources(self.schedule.stages[stage].grow, old.config.n_layer, new.config.n_layer)
+        self.set_model(new, stage, self.step, old_model=old, sources=sources)
+        self.print(f"step {self.step}: grew to {new.config.n_layer} layers by {self.schedule.stages[stage].grow}; "
+                   f"{bert.describe(new)}")
+
+    def checkpoint_state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "step": self.step, "stage": self.stage, "wall": self.wall,
+            "config": asdict(self.model.config), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.to_dict(),
+            "train_config": asdict(self.cfg), "tokenizer": self.prepared.tokenizer.to_dict(),
+            # Data position and random state are functions of (seed, step, rank): see train_step.
+            "data": {"seed": self.cfg.data_seed, "next_example": self.step * self.cfg.batch_size},
+        }
+
+    def save(self, path: Optional[str] = None):
+        if self.d.master:
+            save_checkpoint(path or os.path.join(self.out, "checkpoint.pt"), self.checkpoint_state())
+
+    # -- steps ---------------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict):
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.wrapped(**batch)
+        labels = batch["mlm_labels"][batch["mlm_labels"] != bert.IGNORE]
+        mlm_acc = (out.mlm_logits.argmax(-1) == labels).float().mean()
+        nsp_acc = (out.nsp_logits.argmax(-1) == batch["nsp_labels"]).float().mean()
+        return out, torch.stack([out.loss.detach(), out.mlm_loss.detach(), out.nsp_loss.detach(), mlm_acc, nsp_acc]).float()
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch: micro-batches with gradient accumulation, DDP
+        all-reduce on the last one, clipping, learning rate for this step. Dropout is seeded by
+        (seed, step, rank), so a resumed run draws exactly the masks the uninterrupted run would."""
+        torch.manual_seed(self.cfg.seed * 1_000_003 + self.step * 101 + self.d.rank)
+        self.model.train()
+        lr = get_lr(self.step, self.cfg, self.stage_start)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        stats = torch.zeros(5)
+        for m in range(self.n_micro):
+            batch = self.train_batches.for_step(self.step, self.cfg.batch_size, self.d.rank, self.d.world, m, self.n_micro)
+            sync = m == self.n_micro - 1 or self.d.world == 1  # DDP all-reduces on the last micro-batch only
+            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+                out, s = self.forward(batch)
+                (out.loss / self.n_micro).backward()
+            stats += s.cpu() / self.n_micro
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip if self.cfg.clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, mlm, nsp, mlm_acc, nsp_acc = all_reduce_mean(stats.tolist(), self.d)
+        return dict(loss=loss, mlm_loss=mlm, nsp_loss=nsp, mlm_acc=mlm_acc, nsp_acc=nsp_acc, lr=lr,
+                    grad_norm=float(grad_norm))
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Loss and accuracy on the same held-out batches every time (documents never trained on)."""
+        self.model.eval()
+        stats = torch.zeros(5)
+        for i in range(self.cfg.eval_batches):
+            batch = self.valid_batches.for_step(i, self.cfg.batch_size, self.d.rank, self.d.world)
+            stats += self.forward(batch)[1].cpu() / self.cfg.eval_batches
+        loss, mlm, nsp, mlm_acc, nsp_acc = all_reduce_mean(stats.tolist(), self.d)
+        return dict(val_loss=loss, val_mlm_loss=mlm, val_nsp_loss=nsp, val_mlm_acc=mlm_acc, val_nsp_acc=nsp_acc)
+
+    def print(self, *args):
+        if self.d.master:
+            print(*args, flush=True)
+
+    def progress_line(self, r: dict, tok_per_s: float, eta: float) -> str:
+        n_stage = len(self.schedule.stages)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return (f"step {self.step:>6}/{self.cfg.steps} | stage {self.stage + 1}/{n_stage} {self.model.config.n_layer:>2}L "
+                f"{trainable / 1e6:.2f}M trainable | loss {r['loss']:.3f} (mlm {r['mlm_loss']:.3f} acc {r['mlm_acc']:.3f}, "
+                f"nsp acc {r['nsp_acc']:.3f}) | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.2f} | "
+                f"{tok_per_s / 1000:.1f}k tok/s | ETA {fmt_time(eta)}")
+
+    def log(self, record: dict):
+        if self.d.master:
+            append_jsonl(self.log_path, {"step": self.step, "stage": self.stage,
+                                         "n_layer": self.model.config.n_layer, "wall": round(self.wall, 3), **record})
+
+    def should_stop(self) -> bool:
+        """SIGTERM/SIGINT on any rank stops every rank at the same step."""
+        flag = [float(self.stop_requested)]
+        return all_reduce_mean(flag, self.d)[0] > 0 or (self.cfg.stop_after and self.step == self.cfg.stop_after)
+
+    def run(self) -> int:
+        """Train to the end of the schedule (or to a stop request); returns the process exit code."""
+        cfg = self.cfg
+        self.print(f"schedule: {self.schedule}")
+        self.print(bert.describe(self.model))
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        window_t, window_steps = time.perf_counter(), 0
+        while self.step < cfg.steps:
+            stage, _ = self.schedule.stage_at(self.step)
+            if stage != self.stage:
+                if self.last_val_step != self.step:
+                    self.log(self.validate())
+                self.grow(stage)
+                self.save()
+            t0 = time.perf_counter()
+            r = self.train_step()
+            self.wall += time.perf_counter() - t0
+            self.step += 1
+            window_steps += 1
+            if not math.isfinite(r["loss"]):
+                self.print(f"error: loss is {r['loss']} at step {self.step}; stopping. The last good checkpoint "
+                           f"is {os.path.join(self.out, 'checkpoint.pt')}; try a lower --lr or --clip.")
+                return 1
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                dt = time.perf_counter() - window_t
+                steps_per_s = window_steps / dt
+                self.print(self.progress_line(r, steps_per_s * tokens_per_step, (cfg.steps - self.step) / steps_per_s))
+                self.log({**r, "tokens_per_s": steps_per_s * tokens_per_step})
+                window_t, window_steps = time.perf_counter(), 0
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                v = self.validate()
+                self.log(v)
+                self.last_val_step = self.step
+                self.print(f"step {self.step:>6} | validation loss {v['val_loss']:.4f} (mlm {v['val_mlm_loss']:.4f} "
+                           f"acc {v['val_mlm_acc']:.3f}, nsp acc {v['val_nsp_acc']:.3f}) | wall {fmt_time(self.wall)}")
+                window_t = time.perf_counter()  # validation time is not training time
+            stop = self.should_stop()
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps or stop:
+                self.save()
+                window_t = time.perf_counter()
+            if stop and self.step < cfg.steps:
+                self.print(f"stopped at step {self.step}; resume with: python train.py --resume --out {self.out} ...")
+                return 0 if cfg.stop_after else 130
+        if self.d.master:
+            plot_runs([self.out], os.path.join(self.out, "val_loss.svg"))
+        self.print(f"done: {cfg.steps} steps in {fmt_time(self.wall)} of training; checkpoint {os.path.join(self.out, 'checkpoint.pt')}")
+        return 0
+
+
+def make_schedule(cfg: TrainConfig):
+    """The run's schedule from --method (paper proportions) or an explicit --schedule."""
+    depth = bert.PRESETS[cfg.preset].n_layer
+    if cfg.schedule:
+        return stack.parse_schedule(cfg.schedule, grow=cfg.grow)
+    return stack.make_schedule(cfg.method, cfg.steps, n_layer=depth, k=cfg.k)
+
+
+def prepare_data(cfg: TrainConfig, d: Dist):
+    """Tokenize once on rank 0 (cached), then every rank memory-maps the same arrays."""
+    dcfg = data.DataConfig(corpus=list(cfg.corpus), cache_dir=cfg.cache_dir, vocab_size=cfg.vocab_size,
+                           seed=cfg.data_seed, seq_len=cfg.seq_len)
+    if d.world > 1 and not d.master:
+        dist.barrier()
+    prepared = data.prepare(dcfg, progress=print if d.master else (lambda *a, **k: None))
+    if d.world > 1 and d.master:
+        dist.barrier()
+    return prepared
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def parse_args(argv=None) -> tuple:
+    """argparse mirroring TrainConfig, flags grouped as in the dataclass; returns (config, plot dirs)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Paper-scale recipes are in README.md.")
+    d = TrainConfig()
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default=d.preset, choices=list(bert.PRESETS), help="model size (depth x hidden)")
+    g.add_argument("--post-norm", dest="pre_norm", action="store_false", help="original post-LN BERT instead of pre-LN")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout probability")
+    g = p.add_argument_group("growth schedule")
+    g.add_argument("--method", default=d.method, choices=list(stack.METHODS), help="training method (paper proportions of steps)")
+    g.add_argument("--schedule", default=d.schedule, help='explicit schedule "depth:steps,..." e.g. "3:50,6:70,12:280"')
+    g.add_argument("--grow", default=d.grow, help="growth operator for an explicit --schedule")
+    g.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
+    g.add_argument("--k", type=int, default=d.k, help="number of MSLT stages (before the retrain stage)")
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus", nargs="*", default=[], help="text files or folders (default: built-in synthetic corpus)")
+    g.add_argument("--cache-dir", default=d.cache_dir, help="where the tokenizer and token arrays are cached")
+    g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary size")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per example")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch in examples")
+    g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="examples per forward pass per rank (0 = batch/world)")
+    g.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of split, pairs and masks")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default=d.optimizer, choices=["adam", "lamb"], help="AdamW or LAMB")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    g.add_argument("--warmup", type=int, default=d.warmup, help="warm-up steps at the start of the run")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay on matrices")
+    g.add_argument("--beta1", type=float, default=d.beta1, help="first-moment decay")
+    g.add_argument("--beta2", type=float, default=d.beta2, help="second-moment decay")
+    g.add_argument("--eps", type=float, default=d.eps, help="denominator epsilon")
+    g.add_argument("--clip", type=float, default=d.clip, help="max global gradient norm (0 = off)")
+    g.add_argument("--rewarmup", type=int, default=d.rewarmup, help="ablation: re-warm-up steps after each reset")
+    g.add_argument("--carry-moments", action="store_true", help="ablation: carry optimizer moments into copied layers")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=d.out, help="run directory (default runs/<method>)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation and dropout")
+    g.add_argument("--device", default=d.device, choices=["", "cpu", "cuda"], help="default: cuda if available")
+    g.add_argument("--dtype", default=d.dtype, choices=["", "float32", "bf16"], help="default: bf16 on capable CUDA, else float32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress lines")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validations")
+    g.add_argument("--eval-batches", type=int, default=d.eval_batches, help="validation batches")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--overwrite", action="store_true", help="start afresh even if <out> holds a run")
+    g.add_argument("--stop-after", type=int, default=d.stop_after, help="stop with a checkpoint after this step (0 = never)")
+    g.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="only plot validation loss of these runs to --out/val_loss.svg (or ./val_loss.svg)")
+    a = p.parse_args(argv)
+    plot = a.__dict__.pop("plot")
+    cfg = TrainConfig(**vars(a))
+    return cfg, plot
+
+
+def finish_config(cfg: TrainConfig, world: int) -> TrainConfig:
+    """Fill defaults that depend on the machine, and check flags together; fail fast naming them."""
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bf16_ok = device == "cuda" and torch.cuda.is_bf16_supported()
+    cfg = dataclasses.replace(cfg, device=device, dtype=cfg.dtype or ("bf16" if bf16_ok else "float32"),
+                              out=cfg.out or os.path.join("runs", cfg.method))
+    errors = []
+    if device == "cuda" and not torch.cuda.is_available():
+        errors.append("--device cuda: no CUDA device is available")
+    if cfg.steps < 1:
+        errors.append(f"--steps {cfg.steps}: must be positive")
+    micro = cfg.micro_batch or cfg.batch_size // world
+    if micro < 1 or cfg.batch_size % (world * micro):
+        errors.append(f"--batch-size {cfg.batch_size} is not divisible by world size {world} x --micro-batch {micro}")
+    if cfg.warmup >= cfg.steps:
+        errors.append(f"--warmup {cfg.warmup} must be smaller than --steps {cfg.steps}")
+    if cfg.seq_len > 512 or cfg.seq_len < 8:
+        errors.append(f"--seq-len {cfg.seq_len}: must be between 8 and 512")
+    if cfg.resume and cfg.overwrite:
+        errors.append("--resume and --overwrite contradict each other")
+    if cfg.method in ("identity", "identity-noise") and not cfg.pre_norm and not cfg.schedule:
+        print("note: identity growth is function-preserving only in the pre-LN layout; running it post-LN anyway")
+    if errors:
+        raise SystemExit("error: " + "\n       ".join(errors))
+    try:
+        schedule = make_schedule(cfg)  # validates itself
+    except ValueError as e:
+        raise SystemExit(f"error: --method/--schedule/--steps/--k: {e}")
+    depth = bert.PRESETS[cfg.preset].n_layer
+    if schedule.total_steps != cfg.steps or schedule.stages[-1].n_layer != depth:
+        raise SystemExit(f"error: --schedule {cfg.schedule!r} has {schedule.total_steps} steps and ends at "
+                         f"{schedule.stages[-1].n_layer} layers; --steps is {cfg.steps} and --preset {cfg.preset} "
+                         f"has {depth} layers")
+    ckpt = os.path.join(cfg.out, "checkpoint.pt")
+    if os.path.exists(ckpt) and not (cfg.resume or cfg.overwrite or restarted_by_torchrun()):
+        raise SystemExit(f"error: {cfg.out} already holds a run; pass --resume to continue it or --overwrite to start afresh")
+    if restarted_by_torchrun():
+        cfg = dataclasses.replace(cfg, resume=True, overwrite=False)
+    return cfg
+
+
+def restarted_by_torchrun() -> bool:
+    """torchrun --max-restarts restarts dead workers with the same flags: they resume by themselves."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def main(argv=None) -> int:
+    cfg, plot = parse_args(argv)
+    if plot:
+        plot_runs(plot, os.path.join(cfg.out or ".", "val_loss.svg"))
+        return 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = finish_config(cfg, world)
+    d = setup_distributed(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    trainer = Trainer(cfg, d)
+    trainer.start()
+
+    def request_stop(signum, frame):
+        trainer.stop_requested = True
+        trainer.print(f"received signal {signum}: saving a checkpoint at the end of this step")
+
+    old = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return trainer.run()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if d.world > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
