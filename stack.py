@@ -1,0 +1,401 @@
+"""Growing BERT from shallow to deep: the growth operators, which parameters train, and the schedules.
+
+- Progressive stacking (Gong et al. 2019, section 3 and Algorithm 1): `stack` copies the whole trained
+  L-layer stack on top of itself (new layer j = trained layer j mod L); 3 -> 6 -> 12 layers over 50k / 70k /
+  280k of 400k steps. The baselines of section 4.1: `identity` (new top layers whose residual branches end
+  in a zero linear map, so a pre-LN model computes the same function) and identity + noise (sigma 0.03).
+- MSLT (Progressively Stacking 2.0, section 3.2): k stages, each adding N/k layers copied from the current
+  top N/k (`mslt_grow`); only the new layers and the output layer train (`set_trainable`), the word
+  embeddings stay frozen after stage 1; a final stage retrains everything. Section 3.3: the ALBERT variant
+  whose k groups each share one block (`group_size = N/k`); each stage adds and trains one group.
+
+A `Schedule` describes a whole run (depth, steps, growth op and trainable layers of each stage); train.py
+builds stage 0 from `initial_config`, calls `grow_to` at each switch and builds a fresh optimizer over the
+parameters that require grad. `layer_sources` tells which old layer each new layer was copied from.
+
+Run `python stack.py` to print every method's schedule and grow a tiny model through two of them.
+"""
+
+import copy
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from bert import Bert, BertConfig, Block, init_weights
+
+# ---------------------------------------------------------------------------------------------------------
+# Growth operators: each takes a model and returns a new, fully trainable one; the input is not modified.
+
+
+def layer_sources(grow: str, old_n_layer: int, new_n_layer: int) -> list[Optional[int]]:
+    """For each layer of the grown model, the index of the old layer it copies, or None for a fresh layer.
+
+    stack 3 -> 6: [0, 1, 2, 0, 1, 2];  identity 3 -> 6: [0, 1, 2, None, None, None];
+    mslt 6 -> 9: [0, 1, 2, 3, 4, 5, 3, 4, 5];  retrain 6 -> 6: [0, 1, 2, 3, 4, 5].
+    train.py's optimizer-carry-over ablation pairs new.layers[j] with old.layers[sources[j]].
+    """
+    old, n_new = list(range(old_n_layer)), new_n_layer - old_n_layer
+    if grow == "stack":
+        return [j % old_n_layer for j in range(new_n_layer)]
+    if grow in ("identity", "identity-noise"):
+        return old + [None] * n_new
+    if grow == "mslt":
+        return old + old[old_n_layer - n_new:]
+    if grow == "retrain":
+        return old
+    raise ValueError(f"no layer sources for grow={grow!r}; choose stack, identity, identity-noise, mslt or retrain")
+
+
+def _assemble(model: Bert, sources: list[Optional[int]]) -> Bert:
+    """A new model with copies of `model`'s embeddings and heads and layer j a deep copy of old layer
+    sources[j] (a freshly initialised block where None); the j-th group of `group_size` layers shares one
+    block, as in `model`. The copy is made module by module, so no state-dict key is ever renamed."""
+    config = replace(model.config, n_layer=len(sources))
+    g = config.group_size
+    ref = next(model.parameters())
+    new = copy.deepcopy(model)  # embeddings, final LN, heads; the tied decoder stays tied to tok_emb
+    new.config = config
+    blocks = [copy.deepcopy(model.layers[s]) if s is not None else Block(config).apply(init_weights).to(ref)
+              for s in sources[::g]]
+    new.layers = nn.ModuleList(blocks[j // g] for j in range(config.n_layer))
+    return new.train(model.training).requires_grad_(True)
+
+
+def _non_layer_parameters(model: Bert) -> list[torch.Tensor]:
+    """Embeddings, final LayerNorm and heads: every parameter that is not in an encoder layer."""
+    in_layers = {id(p) for p in model.layers.parameters()}
+    return [p for p in model.parameters() if id(p) not in in_layers]
+
+
+def _assert_copied(old: Bert, new: Bert, sources: list[Optional[int]]):
+    """The promise of every growth op: copied layers and the non-layer parameters equal the old ones in
+    value but are new tensors, and the layers of a group share one block."""
+    pairs = [(new.layers[j].parameters(), old.layers[s].parameters(), f"layer {j} (from old layer {s})")
+             for j, s in enumerate(sources) if s is not None]
+    pairs.append((_non_layer_parameters(new), _non_layer_parameters(old), "embeddings and heads"))
+    for new_params, old_params, what in pairs:
+        for p, q in zip(new_params, old_params, strict=True):
+            assert p is not q and torch.equal(p, q), f"{what} is not an exact, separate copy"
+    g = new.config.group_size
+    assert all(new.layers[j] is new.layers[j - j % g] for j in range(new.config.n_layer)), "group sharing broken"
+
+
+def _check_target(model: Bert, n_layer: int, op: str):
+    """The checks `stack` and `identity` share: a deeper target and no shared blocks."""
+    L = model.config.n_layer
+    if n_layer <= L:
+        raise ValueError(f"{op}: target depth {n_layer} is not larger than the model's {L} layers")
+    if model.config.group_size > 1:
+        raise ValueError(f"{op}: the model shares blocks (group_size={model.config.group_size}); "
+                         "grouped (ALBERT) models grow with mslt_grow")
+
+
+def stack(model: Bert, n_layer: int) -> Bert:
+    """Progressive stacking's operator: L -> n_layer layers (a multiple of L), new layer j = copy of old
+    layer j mod L (Gong et al. section 3; 3 -> 12 in one step repeats the stack four times)."""
+    _check_target(model, n_layer, "stack")
+    if n_layer % model.config.n_layer:
+        raise ValueError(f"stack: target depth {n_layer} is not a multiple of the model's {model.config.n_layer} layers")
+    sources = layer_sources("stack", model.config.n_layer, n_layer)
+    new = _assemble(model, sources)
+    _assert_copied(model, new, sources)
+    return new
+
+
+def _residual_outputs(block: Block) -> list[nn.Linear]:
+    """The last linear map of each residual branch: zero them and the block adds nothing to its input."""
+    return [block.attn.out, block.ffn.out]
+
+
+def identity(model: Bert, n_layer: int, noise_std: float = 0.0, generator: Optional[torch.Generator] = None) -> Bert:
+    """The identity baseline (Gong et al. section 4.1): the bottom L layers are the trained ones; the new
+    top layers are freshly initialised (global RNG) except that the weight and bias of attn.out and ffn.out
+    are zero, or, with `noise_std` (paper: 0.03), zero-mean Gaussian noise drawn from `generator`.
+
+    With zeros a pre-LN model computes exactly the same function as before. In the post-LN layout it does
+    not: each new layer still applies its two LayerNorms, so the op is allowed there but not function-
+    preserving."""
+    _check_target(model, n_layer, "identity")
+    L = model.config.n_layer
+    sources = layer_sources("identity", L, n_layer)
+    new = _assemble(model, sources)
+    with torch.no_grad():
+        for layer in new.layers[L:]:
+            for linear in _residual_outputs(layer):
+                for p in linear.parameters():
+                    p.copy_(torch.randn(p.shape, generator=generator) * noise_std)  # zero when noise_std = 0
+    _assert_copied(model, new, sources)
+    assert noise_std or all(not p.any() for layer in new.layers[L:] for m in _residual_outputs(layer) for p in m.parameters())
+    return new
+
+
+def mslt_grow(model: Bert, n_new: int) -> Bert:
+    """MSLT's growth (section 3.2): add n_new layers on top, new layer L+i = copy of old layer L-n_new+i.
+    In a grouped (ALBERT, section 3.3) model n_new is a whole number of groups (the paper: one group), so
+    the new group's block is a copy of the top group's block, shared by the new group's layers."""
+    L, g = model.config.n_layer, model.config.group_size
+    if not 0 < n_new <= L:
+        raise ValueError(f"mslt_grow: n_new={n_new} must be between 1 and the model's {L} layers (it copies the top n_new)")
+    if n_new % g:
+        raise ValueError(f"mslt_grow: n_new={n_new} is not a whole number of groups of {g} shared layers")
+    sources = layer_sources("mslt", L, L + n_new)
+    new = _assemble(model, sources)
+    _assert_copied(model, new, sources)
+    return new
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which parameters train (MSLT: the top layers and the output layer; everything else forward only).
+
+
+def set_trainable(model: Bert, trainable_top: Optional[int]) -> Bert:
+    """None: every parameter trains. t: only the top t layers (their blocks, in a grouped model) and the
+    output layer train: MLM transform (mlm_dense, mlm_ln), mlm_bias, NSP head, pooler and final_ln. The word
+    embeddings (also the tied MLM decoder), position and segment embeddings and emb_ln are frozen.
+
+    Frozen layers below the first trainable one build no autograd graph, so backward stops there."""
+    c = model.config
+    model.requires_grad_(trainable_top is None)
+    if trainable_top is None:
+        return model
+    if not 0 < trainable_top <= c.n_layer or trainable_top % c.group_size:
+        raise ValueError(f"trainable_top={trainable_top} must be a whole number of groups of {c.group_size} "
+                         f"layers between 1 and {c.n_layer}")
+    for module in (*model.layers[c.n_layer - trainable_top:], model.mlm_dense, model.mlm_ln, model.nsp, model.pooler, model.final_ln):
+        module.requires_grad_(True)
+    model.mlm_bias.requires_grad_(True)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a shared block is counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trainable_summary(model: Bert) -> str:
+    """One line, e.g. 'trainable: layers 9,10,11 of 12 + output layer, 0.96M of 11.50M parameters'."""
+    layers = [str(j) for j, layer in enumerate(model.layers) if any(p.requires_grad for p in layer.parameters())]
+    trainable, total = count_parameters(model)
+    what = "everything" if trainable == total else f"layers {','.join(layers) or 'none'} of {len(model.layers)} + output layer"
+    return f"trainable: {what}, {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedules: a whole run as a list of stages, printable and stored in checkpoints as a plain dict.
+
+GROWS = ("init", "stack", "identity", "identity-noise", "mslt", "retrain")
+
+
+@dataclass
+class Stage:
+    n_layer: int  # depth during this stage
+    steps: int  # optimizer steps in this stage
+    grow: str  # how this stage's model is made from the previous one: one of GROWS ("init" = the first stage)
+    trainable_top: Optional[int] = None  # None = all parameters train; t = only the top t layers + output layer
+
+    def spec(self) -> str:
+        """The stage in parse_schedule's syntax, e.g. '6:200:mslt:3'."""
+        parts = [self.n_layer, self.steps] + ([self.grow] if self.grow != "init" else [])
+        return ":".join(map(str, parts + ([self.trainable_top] if self.trainable_top is not None else [])))
+
+
+@dataclass
+class Schedule:
+    method: str  # a name for logs: baseline, stack, identity, identity-noise, mslt, albert-mslt, or custom
+    stages: list[Stage]  # in order; stage 0 is built from scratch
+    group_size: int = 1  # consecutive layers sharing a block (1, or N/k for ALBERT-group MSLT)
+    noise_std: float = 0.03  # std of the noise on the zero maps of "identity-noise" (paper: 0.03)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the stage if the schedule cannot be run, so a bad flag fails at start."""
+        if not self.stages:
+            raise ValueError("a schedule needs at least one stage")
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std={self.noise_std} is negative")
+        prev = None
+        for i, s in enumerate(self.stages):
+            problem = _stage_problem(s, prev, self.group_size, first=i == 0)
+            if problem:
+                raise ValueError(f"schedule {self.spec()!r}, stage {i} ({s.spec()}): {problem}")
+            prev = s
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    @property
+    def switch_steps(self) -> list[int]:
+        """The steps at which stages 1, 2, ... begin, i.e. where the model grows."""
+        starts = [0]
+        for s in self.stages[:-1]:
+            starts.append(starts[-1] + s.steps)
+        return starts[1:]
+
+    def stage_at(self, step: int) -> tuple[int, int]:
+        """(index of the stage that optimizer step `step` (0-based) belongs to, first step of that stage)."""
+        if not 0 <= step < self.total_steps:
+            raise ValueError(f"step {step} is outside the schedule's {self.total_steps} steps")
+        starts = [0] + self.switch_steps
+        index = max(i for i, start in enumerate(starts) if start <= step)
+        return index, starts[index]
+
+    def spec(self) -> str:
+        """The stages in parse_schedule's syntax, e.g. '3:50,6:70:stack,12:280:stack'."""
+        return ",".join(s.spec() for s in self.stages)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Schedule":
+        return cls(d["method"], [Stage(**s) for s in d["stages"]], d["group_size"], d["noise_std"])
+
+    def __str__(self):
+        """e.g. 'stack: 3L x 50 -> 6L x 70 (stack) -> 12L x 280 (stack)'."""
+        def one(s):
+            top = f", top {s.trainable_top}" if s.trainable_top is not None else ""
+            return f"{s.n_layer}L x {s.steps}" + (f" ({s.grow}{top})" if s.grow != "init" else "")
+        groups = f" (groups of {self.group_size})" if self.group_size > 1 else ""
+        return f"{self.method}{groups}: " + " -> ".join(one(s) for s in self.stages)
+
+
+def _stage_problem(s: Stage, prev: Optional[Stage], g: int, first: bool) -> Optional[str]:
+    """What makes stage `s` impossible after stage `prev` in a model with groups of g layers, or None."""
+    if s.grow not in GROWS:
+        return f"unknown grow {s.grow!r}; choose one of {', '.join(GROWS)}"
+    if (s.grow == "init") != first:
+        return "the first stage, and only it, is 'init'"
+    if s.steps < 1 or s.n_layer < 1:
+        return "depth and steps must be positive"
+    if s.n_layer % g:
+        return f"depth {s.n_layer} is not a multiple of group_size {g}"
+    t = s.trainable_top
+    if t is not None and (first or s.grow == "retrain" or not 0 < t <= s.n_layer or t % g):
+        return f"trainable_top={t} must be None in the first and retrain stages, else whole groups of {g} in 1..{s.n_layer}"
+    if first:
+        return None
+    L, n = prev.n_layer, s.n_layer
+    if s.grow == "retrain":
+        return None if n == L else f"retrain keeps the depth {L}"
+    if n <= L:
+        return f"{s.grow} must grow the depth beyond {L}"
+    if s.grow in ("stack", "identity", "identity-noise") and g > 1:
+        return f"{s.grow} is for models without shared blocks; grouped models grow with mslt"
+    if s.grow == "stack" and n % L:
+        return f"stack needs a multiple of the previous depth {L}"
+    if s.grow == "mslt" and (n - L > L or (n - L) % g):
+        return f"mslt copies the top {n - L} layers, which needs at most {L} and whole groups of {g}"
+    return None
+
+
+def _split(total: int, weights: list[int]) -> list[int]:
+    """`total` split in proportion to `weights`, rounded so the parts sum to `total` exactly.
+
+    _split(1000, [50, 70, 280]) == [125, 175, 700]; _split(10, [1, 1, 1]) == [3, 4, 3]."""
+    cum, bounds = 0, [0]
+    for w in weights:
+        cum += w
+        bounds.append((2 * total * cum + sum(weights)) // (2 * sum(weights)))  # round(total * cum / sum)
+    parts = [b - a for a, b in zip(bounds, bounds[1:])]
+    if min(parts) < 1:
+        raise ValueError(f"total_steps={total} is too few to split into {len(weights)} stages")
+    return parts
+
+
+METHODS = ("baseline", "stack", "identity", "identity-noise", "mslt", "albert-mslt")
+
+
+def make_schedule(method: str, total_steps: int, n_layer: int = 12, k: int = 4, noise_std: float = 0.03) -> Schedule:
+    """The papers' schedules scaled to `total_steps` and `n_layer`.
+
+    baseline: n_layer throughout. stack / identity / identity-noise: n_layer/4, n_layer/2, n_layer over
+    50k / 70k / 280k of 400k steps (Gong et al. section 4.1). mslt: k + 1 equal parts, k growing stages of
+    n_layer/k layers each training only the new top n_layer/k after the first, then a retrain of everything
+    (MSLT section 4.2: 200k steps each). albert-mslt: the same on groups of n_layer/k shared layers."""
+    if method == "baseline":
+        return Schedule(method, [Stage(n_layer, total_steps, "init")])
+    if method in ("stack", "identity", "identity-noise"):
+        if n_layer % 4:
+            raise ValueError(f"{method}: n_layer={n_layer} must be divisible by 4 (depths n/4, n/2, n)")
+        steps = _split(total_steps, [50, 70, 280])
+        depths = [n_layer // 4, n_layer // 2, n_layer]
+        grows = ["init", method, method]
+        return Schedule(method, [Stage(*a) for a in zip(depths, steps, grows)], noise_std=noise_std)
+    if method in ("mslt", "albert-mslt"):
+        if n_layer % k:
+            raise ValueError(f"{method}: n_layer={n_layer} must be divisible by k={k}")
+        d, steps = n_layer // k, _split(total_steps, [1] * (k + 1))
+        stages = [Stage(d, steps[0], "init")] + [Stage(i * d, steps[i - 1], "mslt", d) for i in range(2, k + 1)]
+        stages.append(Stage(n_layer, steps[k], "retrain"))
+        return Schedule(method, stages, group_size=d if method == "albert-mslt" else 1)
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def parse_schedule(text: str, grow: str = "stack", method: Optional[str] = None, group_size: int = 1,
+                   noise_std: float = 0.03) -> Schedule:
+    """Stages from 'depth:steps[:grow[:trainable_top]]' tokens, comma-separated.
+
+    '3:50000,6:70000,12:280000' grows with `grow` at each switch; '3:100,6:100:identity,12:200:mslt:6'
+    names each op. An mslt stage trains its new layers unless told otherwise."""
+    stages = []
+    for i, token in enumerate(text.split(",")):
+        fields = token.strip().split(":")
+        if not 2 <= len(fields) <= 4 or not all(f.strip().isdigit() for f in fields[:2] + fields[3:]):
+            raise ValueError(f"bad stage {token!r} in schedule {text!r}: expected depth:steps[:grow[:trainable_top]] "
+                             "with whole numbers")
+        n, steps = int(fields[0]), int(fields[1])
+        op = fields[2].strip() if len(fields) > 2 else ("init" if i == 0 else grow)
+        top = int(fields[3]) if len(fields) > 3 else (n - stages[-1].n_layer if op == "mslt" and stages else None)
+        stages.append(Stage(n, steps, op, top))
+    return Schedule(method or grow, stages, group_size, noise_std)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The two calls train.py makes.
+
+
+def initial_config(schedule: Schedule, base_config: BertConfig) -> BertConfig:
+    """The config of stage 0: width and the rest from `base_config`, depth and group size from the schedule."""
+    return replace(base_config, n_layer=schedule.stages[0].n_layer, group_size=schedule.group_size)
+
+
+def grow_to(model: Bert, schedule: Schedule, stage_index: int, generator: Optional[torch.Generator] = None) -> Bert:
+    """The model of stage `stage_index` made from `model`, the previous stage's, with its trainability set.
+
+    Growth returns a new model (retrain returns `model` itself); build a fresh optimizer afterwards."""
+    if not 0 < stage_index < len(schedule.stages):
+        raise ValueError(f"stage {stage_index} is not a switch of a {len(schedule.stages)}-stage schedule; "
+                         "stage 0 is Bert(initial_config(...))")
+    prev, stage = schedule.stages[stage_index - 1], schedule.stages[stage_index]
+    if (model.config.n_layer, model.config.group_size) != (prev.n_layer, schedule.group_size):
+        raise ValueError(f"grow_to stage {stage_index}: the model has {model.config.n_layer} layers in groups of "
+                         f"{model.config.group_size}, stage {stage_index - 1} has {prev.n_layer} in groups of {schedule.group_size}")
+    if stage.grow == "stack":
+        model = stack(model, stage.n_layer)
+    elif stage.grow in ("identity", "identity-noise"):
+        model = identity(model, stage.n_layer, schedule.noise_std if stage.grow == "identity-noise" else 0.0, generator)
+    elif stage.grow == "mslt":
+        model = mslt_grow(model, stage.n_layer - prev.n_layer)
+    return set_trainable(model, stage.trainable_top)
+
+
+if __name__ == "__main__":
+    for method in METHODS:
+        print(make_schedule(method, 1_000_000 if "mslt" in method else 400_000))  # the papers' step counts
+    torch.manual_seed(0)
+    ids = torch.randint(5, 1000, (2, 16))
+    for method in ("identity", "mslt"):
+        schedule = make_schedule(method, total_steps=100)
+        model = Bert(initial_config(schedule, BertConfig(vocab_size=1000, n_head=2, d_model=64, d_ff=256, pre_norm=True))).eval()
+        print(f"\n{schedule}")
+        for i in range(1, len(schedule.stages)):
+            before = model(ids).mlm_logits
+            model = grow_to(model, schedule, i).eval()
+            change = (model(ids).mlm_logits - before).abs().max().item()
+            print(f"  stage {i}: {model.config.n_layer} layers, max change in MLM logits {change:.1e}; {trainable_summary(model)}")
