@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from array import array
 from collections import Counter, defaultdict
@@ -50,11 +51,12 @@ class DataError(ValueError):
 # Tokenizer: byte-level BPE
 
 # Pre-tokens as in GPT-2, on text whose whitespace is already collapsed to single spaces: a space belongs
-# to the token after it, so joining the pre-tokens gives the text back exactly, spaces included.
+# to the token after it, so joining the pre-tokens gives the text back exactly, spaces included. Written
+# for the standard `re` engine (~1.7x faster here than `regex`): [^\W\d_] = letters, \d = digits, and the
+# last class = everything else that is not whitespace, so every character lands in some pre-token.
 # "the cat's 2 mats!" -> ["the", " cat", "'s", " 2", " mats", "!"]
-PRETOKEN = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+")
-WHITESPACE = regex.compile(r"\s+")
-SURROGATE = regex.compile(r"[\ud800-\udfff]")  # lone surrogates cannot be written as UTF-8
+PRETOKEN = re.compile(r" ?[^\W\d_]+| ?\d+|'(?:s|t|re|ve|m|ll|d)| ?(?:[^\w\s]|_)+")
+SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates cannot be written as UTF-8
 
 
 def merge_pair(ids: list, pair: tuple, new_id: int) -> list:
@@ -145,7 +147,7 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, lowercase: bool = True, progress=False):
         """Learn vocab_size - 261 merges from `texts` (fewer if the corpus runs out of repeated pairs).
-        Each distinct pre-token is counted once (Counter over regex.findall on ~1 MB chunks).
+        Each distinct pre-token is counted once (a Counter over PRETOKEN.findall of 10k texts at a time).
         progress: False, True (print) or a print-like function."""
         progress = print if progress is True else progress or None
         if vocab_size < N_BASE:
@@ -157,9 +159,7 @@ class Tokenizer:
                 counts.update(PRETOKEN.findall("\n".join(chunk)))  # "\n" is in no pre-token: a hard break
                 chunk = []
         counts.update(PRETOKEN.findall("\n".join(chunk)))
-        words = Counter()
-        for piece, c in counts.items():
-            words[tuple(b + len(SPECIALS) for b in piece.encode())] += c
+        words = {tuple(b + len(SPECIALS) for b in piece.encode()): c for piece, c in counts.items()}
         if progress:
             progress(f"  bpe: {len(words):,} distinct pre-tokens, {sum(counts.values()):,} in all")
         return cls(learn_merges(words, vocab_size - N_BASE, progress), lowercase)
@@ -167,7 +167,7 @@ class Tokenizer:
     def normalize(self, text: str) -> str:
         """What encode sees: lower-cased (optional), whitespace runs -> one space, no outer spaces.
         normalize("  Hello\\r\\n  World ") == "hello world"."""
-        text = WHITESPACE.sub(" ", text).strip(" ")
+        text = " ".join(text.split())  # the same whitespace as re's \s
         if SURROGATE.search(text):
             text = SURROGATE.sub("\ufffd", text)
         return text.lower() if self.lowercase else text
@@ -184,15 +184,16 @@ class Tokenizer:
 
     def encode(self, text: str) -> list:
         """Token ids of `text` (no specials added). Never fails: any string is a byte sequence."""
-        ids, cache = [], self.cache
-        if len(cache) > 1_000_000:  # bound memory on adversarial input
-            cache.clear()
-        for piece in PRETOKEN.findall(self.normalize(text)):
-            piece_ids = cache.get(piece)
-            if piece_ids is None:
-                piece_ids = cache[piece] = self._encode_piece(piece)
-            ids += piece_ids
-        return ids
+        pieces, cache = PRETOKEN.findall(self.normalize(text)), self.cache
+        try:
+            return [i for piece in pieces for i in cache[piece]]
+        except KeyError:  # unseen pre-tokens: merge them once, then look up again
+            if len(cache) > 1_000_000:  # bound memory on adversarial input
+                cache.clear()
+            for piece in pieces:
+                if piece not in cache:
+                    cache[piece] = self._encode_piece(piece)
+            return [i for piece in pieces for i in cache[piece]]
 
     def decode(self, ids) -> str:
         """Text of `ids`; specials appear by name ("[MASK]"). decode(encode(t)) == normalize(t)."""
@@ -208,7 +209,7 @@ class Tokenizer:
         if d.get("format") != cls.FORMAT or d.get("version") != cls.VERSION:
             raise DataError(f"not a {cls.FORMAT} v{cls.VERSION} tokenizer: format={d.get('format')!r}, "
                             f"version={d.get('version')!r}")
-        if d["specials"] != SPECIALS or d["pretoken_pattern"] != PRETOKEN.pattern:
+        if d.get("specials") != SPECIALS or d.get("pretoken_pattern") != PRETOKEN.pattern:
             raise DataError("tokenizer was saved with other special tokens or pre-tokenization; retrain it")
         return cls(d["merges"], d["lowercase"])
 
@@ -295,12 +296,13 @@ CORPUS_EXTENSIONS = (".txt", ".text", ".raw", ".jsonl")  # what read_corpus take
 
 def split_sentences(paragraph: str) -> list:
     """split_sentences("It rained. Mr. Smith left! Then?") == ["It rained.", "Mr. Smith left!", "Then?"]"""
-    return [s for s in SENTENCE_END.split(WHITESPACE.sub(" ", paragraph).strip()) if s]
+    return [s for s in SENTENCE_END.split(" ".join(paragraph.split())) if s]
 
 
 def _read_text(path: str, decode_errors: str) -> str:
     """File contents as str: UTF-8 with an optional BOM; CRLF and CR become LF."""
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     if not data[bom:].strip():
         raise DataError(f"{path}: file is empty (or only whitespace); remove it from the corpus")
@@ -315,7 +317,7 @@ def _read_text(path: str, decode_errors: str) -> str:
 def _text_layout(lines: list, layout: str) -> str:
     """'lines' (BERT's format: one sentence per line, blank line between documents) or 'book' (wrapped
     paragraphs; the file is one document). 'auto' picks 'lines' when >= 60% of non-blank lines end like a
-    sentence: Brown's lines do (~97%), a Gutenberg book's wrapped lines don't (~30%)."""
+    sentence: Brown's lines do (92%), the Gutenberg books' wrapped lines don't (11-35%)."""
     if layout != "auto":
         return layout
     filled = [l for l in lines if l]
@@ -433,7 +435,9 @@ class Split:
     num_docs = property(lambda self: len(self.doc_starts) - 1)
     num_sentences = property(lambda self: len(self.sent_starts) - 1)
     num_tokens = property(lambda self: len(self.tokens))
-    __len__ = lambda self: self.num_docs  # noqa: E731
+
+    def __len__(self):
+        return self.num_docs
 
 
 @dataclass
@@ -447,14 +451,15 @@ class Prepared:
 
 
 CACHE_FORMAT, CACHE_VERSION = "bert-token-cache", 1
-ARRAYS = [f"{split}.{name}" for split in ("train", "valid") for name in ("tokens", "sent_starts", "doc_starts")]
+SPLIT_ARRAYS = ("tokens", "sent_starts", "doc_starts")  # the fields of Split, one .npy file each per split
 
 
 def _atomic_write(path: str, write):
-    """write(f) into path + '.tmp', then rename: a crash leaves the old file or none, never half a file."""
-    with open(path + ".tmp", "wb") as f:
+    """write(f) into a temporary file, then rename: a crash leaves the old file or none, never half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
         write(f)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def _fingerprint(cfg: DataConfig) -> dict:
@@ -466,13 +471,17 @@ def _fingerprint(cfg: DataConfig) -> dict:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
         files[os.path.abspath(path)] = h.hexdigest()
+    if cfg.tokenizer and not os.path.isfile(cfg.tokenizer):
+        raise DataError(f"{cfg.tokenizer}: tokenizer file not found; pass a tokenizer.json written by Tokenizer.save")
     given = Tokenizer.load(cfg.tokenizer).hash() if cfg.tokenizer else ""
     keys = ("vocab_size", "lowercase", "seed", "valid_fraction", "decode_errors", "layout", "synthetic_docs")
     return dict(files=files, tokenizer_file=given, **{k: getattr(cfg, k) for k in keys})
 
 
 def tokenize_documents(docs: list, tok: Tokenizer, name: str = "", progress=print) -> Split:
-    """Encode every sentence once into a Split's flat arrays, printing throughput every ~4 MB."""
+    """Encode every sentence once into a Split's flat arrays, printing throughput every ~4 MB. Sentences are
+    encoded one by one, so a sentence's first word has its no-space form ("the", not " the"), as a GLUE
+    sentence's does."""
     tokens = array("H" if tok.vocab_size <= 1 << 16 else "i")
     sent_starts, doc_starts, n_bytes, next_report, t0 = [0], [0], 0, 4e6, time.time()
     for j, doc in enumerate(docs):
@@ -502,12 +511,12 @@ def _load_cache(cfg: DataConfig, key: dict):
         return None
     if (header.get("format"), header.get("version"), header.get("key")) != (CACHE_FORMAT, CACHE_VERSION, key):
         return None
-    paths = {name: os.path.join(cfg.cache_dir, name + ".npy") for name in ARRAYS}
+    paths = {f"{s}.{a}": os.path.join(cfg.cache_dir, f"{s}.{a}.npy") for s in ("train", "valid") for a in SPLIT_ARRAYS}
     if tok.hash() != header["tokenizer_hash"] or any(
-            not os.path.exists(p) or os.path.getsize(p) != header["sizes"][n] for n, p in paths.items()):
+            not os.path.exists(p) or os.path.getsize(p) != header["sizes"].get(n) for n, p in paths.items()):
         return None
     arrays = {name: np.load(p, mmap_mode="r") for name, p in paths.items()}
-    splits = [Split(*(arrays[f"{s}.{a}"] for a in ("tokens", "sent_starts", "doc_starts"))) for s in ("train", "valid")]
+    splits = [Split(*(arrays[f"{s}.{a}"] for a in SPLIT_ARRAYS)) for s in ("train", "valid")]
     return tok, splits, header
 
 
@@ -517,7 +526,7 @@ def _build_cache(cfg: DataConfig, key: dict, progress) -> tuple:
         docs, report = read_corpus(cfg.corpus, cfg.decode_errors, cfg.layout)
     else:
         docs = synthetic_corpus(cfg.seed, cfg.synthetic_docs)
-        report = {"documents": len(docs), "sentences": sum(map(len, docs)), "files_synthetic": 0}
+        report = {"documents": len(docs), "sentences": sum(map(len, docs)), "skipped_short_documents": 0}
     progress(f"read {report['documents']} documents, {report['sentences']} sentences")
     train_docs, valid_docs = split_documents(docs, cfg.seed, cfg.valid_fraction)
     os.makedirs(cfg.cache_dir, exist_ok=True)
@@ -534,7 +543,7 @@ def _build_cache(cfg: DataConfig, key: dict, progress) -> tuple:
     splits = [tokenize_documents(d, tok, name, progress) for d, name in ((train_docs, "train"), (valid_docs, "valid"))]
     sizes = {}
     for split, name in zip(splits, ("train", "valid")):
-        for a in ("tokens", "sent_starts", "doc_starts"):
+        for a in SPLIT_ARRAYS:
             path = os.path.join(cfg.cache_dir, f"{name}.{a}.npy")
             _atomic_write(path, lambda f: np.save(f, getattr(split, a)))
             sizes[f"{name}.{a}"] = os.path.getsize(path)
@@ -556,6 +565,8 @@ def prepare(cfg: DataConfig, progress=print) -> Prepared:
     (file contents, tokenizer, settings), else rebuilt there. Arrays are memory-mapped, not loaded."""
     if cfg.seq_len < 8:
         raise DataError(f"seq_len={cfg.seq_len} is too short: [CLS] A [SEP] B [SEP] needs at least 8")
+    if cfg.decode_errors not in ("strict", "replace") or cfg.layout not in ("auto", "lines", "book"):
+        raise DataError(f"decode_errors={cfg.decode_errors!r} (strict|replace), layout={cfg.layout!r} (auto|lines|book)")
     key = _fingerprint(cfg)
     cached = _load_cache(cfg, key)
     reused = cached is not None
@@ -691,7 +702,7 @@ def show_example(tok: Tokenizer, batch: dict, row: int = 0) -> str:
     ids = batch["input_ids"][row][batch["attention_mask"][row] == 1].tolist()
     text = "".join(f" {SPECIALS[i]} " if i < len(SPECIALS) else tok.decode([i]) for i in ids)
     relation = "random B" if batch["nsp_labels"][row] else "true next B"
-    return f"({relation}) " + WHITESPACE.sub(" ", text).strip()
+    return f"({relation}) " + " ".join(text.split())
 
 
 if __name__ == "__main__":
