@@ -174,12 +174,12 @@ class Tokenizer:
 
     def _encode_piece(self, piece: str) -> list:
         """BPE on one pre-token: repeatedly apply the earliest-learned merge present."""
-        ids = [b + len(SPECIALS) for b in piece.encode()]
+        ids, ranks, never = [b + len(SPECIALS) for b in piece.encode()], self.ranks, math.inf
         while len(ids) > 1:
-            pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, math.inf))
-            if pair not in self.ranks:
+            new_id = min(ranks.get(pair, never) for pair in zip(ids, ids[1:]))  # merged id = rank
+            if new_id == never:
                 break
-            ids = merge_pair(ids, pair, self.ranks[pair])
+            ids = merge_pair(ids, self.merges[new_id - N_BASE], new_id)
         return ids
 
     def encode(self, text: str) -> list:
