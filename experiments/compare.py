@@ -1,0 +1,214 @@
+"""Reproduce both papers' pre-training comparisons side by side: same steps, batch, data order and seed.
+
+Runs, one after another, each as a `train.py` run in its own directory under --out:
+  baseline (Adam), stack, identity, identity-noise          -- Gong et al. 2019, Adam
+  baseline-lamb, mslt, albert-mslt                         -- MSLT, LAMB
+then writes, from the runs' logs:
+  val_loss.svg    validation loss against training wall time (validation excluded): Figure 5's analogue
+  results.md      time to reach the baseline's validation loss at 1/4, 1/2 and all of its budget, speed-ups,
+                  final losses, total wall time, the corpus's unigram entropy for scale
+  results.json    the same numbers, machine-readable
+Every run resumes where it stopped, and finished runs are skipped, so an interrupted comparison is
+continued by running the same command again.
+
+    python experiments/compare.py --quick                 # a few minutes: a smoke run of the whole pipeline
+    python experiments/compare.py                         # the CPU comparison (a few hours on 2 cores)
+    python experiments/compare.py --preset bert-base --seq-len 128 --batch-size 256 --steps 40000 \\
+        --nproc 8 --out runs/compare-base                 # the same on a GPU node, with torchrun
+    python experiments/compare.py --report-only           # only redo tables and plot from existing logs
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+import train  # noqa: E402
+
+SHARED = os.path.join(ROOT, "..", "shared", "data")
+DEFAULT_CORPUS = [os.path.join(SHARED, p) for p in ("gutenberg", "brown", "wikitext-2-raw")]
+
+# run name -> (train.py --method, optimizer). Each paper's method is compared with the baseline trained
+# by that paper's optimizer: Adam for progressive stacking, LAMB for MSLT.
+RUNS = {
+    "baseline": ("baseline", "adam"),
+    "stack": ("stack", "adam"),
+    "identity": ("identity", "adam"),
+    "identity-noise": ("identity-noise", "adam"),
+    "baseline-lamb": ("baseline", "lamb"),
+    "mslt": ("mslt", "lamb"),
+    "albert-mslt": ("albert-mslt", "lamb"),
+}
+BASELINE_OF = {"adam": "baseline", "lamb": "baseline-lamb"}
+FRACTIONS = (0.25, 0.5, 1.0)
+QUICK = dict(preset="tiny", corpus=[], vocab_size=1000, seq_len=64, steps=200, eval_batches=4, out="runs/compare-quick")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to run
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="which runs, in order")
+    p.add_argument("--out", default="runs/compare", help="directory of the runs and the results")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny model, synthetic corpus, a few minutes")
+    p.add_argument("--report-only", action="store_true", help="do not train; rebuild results from the logs")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    # data (the same for every run)
+    p.add_argument("--corpus", nargs="*", default=DEFAULT_CORPUS, help="text files/folders (default: ../shared/data)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per example")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch in examples")
+    # model and optimisation (the same for every run)
+    p.add_argument("--preset", default="cpu-12x128", help="model size from bert.PRESETS")
+    p.add_argument("--steps", type=int, default=3000, help="total optimizer steps of every run")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the Adam runs")
+    p.add_argument("--lamb-lr", type=float, default=1e-2, help="peak learning rate of the LAMB runs")
+    p.add_argument("--warmup", type=int, default=0, help="warm-up steps (default: 3%% of --steps)")
+    p.add_argument("--seed", type=int, default=0, help="model and data seed of every run")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validations (default: --steps / 40)")
+    p.add_argument("--eval-batches", type=int, default=16, help="validation batches")
+    p.add_argument("--extra", default="", help="further train.py flags for every run, e.g. '--dtype bf16 --compile'")
+    if p.parse_args(argv).quick:  # quick changes the defaults; flags given explicitly still win
+        p.set_defaults(**QUICK)
+    a = p.parse_args(argv)
+    a.warmup = a.warmup or max(1, a.steps * 3 // 100)
+    a.eval_every = a.eval_every or max(1, a.steps // 40)
+    return a
+
+
+def train_args(a, name: str) -> list:
+    """The train.py flags of one run: everything shared, except method and optimizer."""
+    method, optimizer = RUNS[name]
+    args = ["--method", method, "--optimizer", optimizer, "--lr", str(a.lamb_lr if optimizer == "lamb" else a.lr),
+            "--preset", a.preset, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
+            "--seq-len", str(a.seq_len), "--vocab-size", str(a.vocab_size), "--warmup", str(a.warmup),
+            "--seed", str(a.seed), "--data-seed", str(a.seed), "--eval-every", str(a.eval_every),
+            "--eval-batches", str(a.eval_batches), "--save-every", str(a.eval_every * 4),
+            "--log-every", str(max(1, a.eval_every // 2)), "--cache-dir", os.path.join(a.out, "cache"),
+            "--out", os.path.join(a.out, name)]
+    if a.corpus:
+        args += ["--corpus", *a.corpus]
+    return args + a.extra.split()
+
+
+def run_state(run_dir: str, steps: int) -> str:
+    """'done', 'partial' (resume it) or 'new'."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        return "new"
+    return "done" if train.load_checkpoint(path)["step"] >= steps else "partial"
+
+
+def run_all(a):
+    for name in a.runs:
+        state = run_state(os.path.join(a.out, name), a.steps)
+        if state == "done":
+            print(f"== {name}: finished earlier, skipped")
+            continue
+        launcher = [sys.executable] if a.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}"]
+        cmd = launcher + [os.path.join(ROOT, "train.py")] + train_args(a, name) + (["--resume"] if state == "partial" else [])
+        print(f"== {name}: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Analysis of the logs.
+
+
+def time_to_reach(curve: list, target: float):
+    """First training wall time (s) at which validation loss <= target, interpolated linearly between the
+    two validations around the crossing; None if the run never gets there. curve: [(wall, loss), ...]."""
+    prev = None
+    for wall, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return wall
+            (w0, l0) = prev
+            return w0 + (l0 - target) / (l0 - loss) * (wall - w0)
+        prev = (wall, loss)
+    return None
+
+
+def val_points(records: list) -> list:
+    """(step, wall seconds, validation loss, validation MLM loss) of each validation in a log."""
+    return [(r["step"], r["wall"], r["val_loss"], r["val_mlm_loss"]) for r in records if "val_loss" in r]
+
+
+def analyse(a) -> dict:
+    """Per run: final losses, total wall time, and the time to reach its paper's baseline's loss at each
+    budget fraction, with the speed-up (baseline time / method time)."""
+    logs = {n: val_points(train.read_log(os.path.join(a.out, n))) for n in a.runs if os.path.exists(os.path.join(a.out, n, "log.jsonl"))}
+    results = {}
+    for name, pts in logs.items():
+        base = BASELINE_OF[RUNS[name][1]]
+        r = {"final_val_loss": pts[-1][2], "final_val_mlm_loss": pts[-1][3], "wall": pts[-1][1],
+             "steps": pts[-1][0], "baseline": base, "reach": {}}
+        if base in logs:
+            curve = [(w, l) for _, w, l, _ in pts]
+            for f in FRACTIONS:
+                b_step, b_wall, b_loss, _ = min(logs[base], key=lambda p: abs(p[0] - f * a.steps))
+                t = time_to_reach(curve, b_loss)
+                r["reach"][str(f)] = {"target": b_loss, "baseline_time": b_wall, "time": t,
+                                      "speedup": (b_wall / t) if t else None}
+        results[name] = r
+    return results
+
+
+def fmt_min(seconds) -> str:
+    return "never" if seconds is None else f"{seconds / 60:.1f}"
+
+
+def results_table(results: dict, entropy: float) -> str:
+    """The markdown table of results.md."""
+    head = ["run", "baseline", "final val loss", "final val MLM", "total wall (min)"]
+    for f in FRACTIONS:
+        head += [f"reach base@{f:g}: min", "speed-up"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        row = [name, r["baseline"], f"{r['final_val_loss']:.3f}", f"{r['final_val_mlm_loss']:.3f}", fmt_min(r["wall"])]
+        for f in FRACTIONS:
+            x = r["reach"].get(str(f))
+            row += ([fmt_min(x["time"]), f"{x['speedup']:.2f}x" if x["speedup"] else "-"] if x else ["-", "-"])
+        lines.append("| " + " | ".join(row) + " |")
+    targets = {str(f): next((r["reach"][str(f)]["target"] for r in results.values() if str(f) in r["reach"]), None) for f in FRACTIONS}
+    lines.append("")
+    lines.append("Targets (the baseline's validation loss at that fraction of its steps): " + ", ".join(
+        f"{f}: {t:.3f}" for f, t in targets.items() if t is not None) + f". Unigram entropy of the corpus "
+        f"(MLM loss of a model that only knows token frequencies): {entropy:.3f} nats; NSP at chance: 0.693.")
+    return "\n".join(lines)
+
+
+def report(a):
+    results = analyse(a)
+    entropy = unigram_entropy(a)
+    table = results_table(results, entropy)
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({"results": results, "unigram_entropy": entropy, "args": vars(a)}, f, indent=2)
+    series = {n: [(w / 60, l) for _, w, l, _ in val_points(train.read_log(os.path.join(a.out, n)))] for n in results}
+    train.svg_plot(series, os.path.join(a.out, "val_loss.svg"), "training wall time (min, validation excluded)",
+                   "validation loss (MLM + NSP)", f"{a.preset}, {a.steps} steps, batch {a.batch_size} x {a.seq_len}",
+                   hline=(entropy + 0.693, "unigram entropy + ln 2"))
+    print(table)
+    print(f"wrote {a.out}/results.md, results.json, val_loss.svg")
+
+
+def unigram_entropy(a) -> float:
+    """The corpus's unigram entropy, from the runs' shared token cache."""
+    cfg = data.DataConfig(corpus=list(a.corpus), cache_dir=os.path.join(a.out, "cache"), vocab_size=a.vocab_size,
+                          seed=a.seed, seq_len=a.seq_len)
+    return data.prepare(cfg, progress=lambda *x, **k: None).unigram_entropy
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if not args.report_only:
+        run_all(args)
+    report(args)
