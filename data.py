@@ -14,7 +14,7 @@ Batches. With no corpus the built-in synthetic language is used, so a bare run i
 
     python data.py                                      # synthetic corpus, ~10 s
     python data.py --corpus ../shared/data/gutenberg ../shared/data/brown/brown.txt \\
-        ../shared/data/wikitext-2-raw --out cache/real --vocab-size 16384
+        ../shared/data/wikitext-2-raw --out runs/data-real --vocab-size 16384
     python experiments/bench_data.py                    # tokenizer / batch speed
 """
 
