@@ -57,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/compare", help="directory of the runs and the results")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, synthetic corpus, a few minutes")
     p.add_argument("--report-only", action="store_true", help="do not train; rebuild results from the logs")
+    p.add_argument("--ablation", action="store_true", help="also run the switching-time ablation (Figure 7)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
     # data (the same for every run)
     p.add_argument("--corpus", nargs="*", default=DEFAULT_CORPUS, help="text files/folders (default: ../shared/data)")
@@ -81,39 +82,78 @@ def parse_args(argv=None):
     return a
 
 
-def train_args(a, name: str) -> list:
-    """The train.py flags of one run: everything shared, except method and optimizer."""
+def method_flags(a, name: str) -> list:
+    """train.py flags that make a run of RUNS differ from the others: method, optimizer, its lr."""
     method, optimizer = RUNS[name]
-    args = ["--method", method, "--optimizer", optimizer, "--lr", str(a.lamb_lr if optimizer == "lamb" else a.lr),
-            "--preset", a.preset, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
-            "--seq-len", str(a.seq_len), "--vocab-size", str(a.vocab_size), "--warmup", str(a.warmup),
-            "--seed", str(a.seed), "--data-seed", str(a.seed), "--eval-every", str(a.eval_every),
-            "--eval-batches", str(a.eval_batches), "--save-every", str(a.eval_every * 4),
-            "--log-every", str(max(1, a.eval_every // 2)), "--cache-dir", os.path.join(a.out, "cache"),
-            "--out", os.path.join(a.out, name)]
+    return ["--method", method, "--optimizer", optimizer, "--lr", str(a.lamb_lr if optimizer == "lamb" else a.lr),
+            "--steps", str(a.steps)]
+
+
+def train_args(a, name: str, flags: list) -> list:
+    """The train.py flags of one run: everything shared by all runs, then the run's own `flags`."""
+    args = ["--preset", a.preset, "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len),
+            "--vocab-size", str(a.vocab_size), "--warmup", str(a.warmup), "--seed", str(a.seed),
+            "--data-seed", str(a.seed), "--eval-every", str(a.eval_every), "--eval-batches", str(a.eval_batches),
+            "--save-every", str(a.eval_every * 4), "--log-every", str(max(1, a.eval_every // 2)),
+            "--cache-dir", os.path.join(a.out, "cache"), "--out", os.path.join(a.out, name)]
     if a.corpus:
         args += ["--corpus", *a.corpus]
-    return args + a.extra.split()
+    return args + flags + a.extra.split()
 
 
-def run_state(run_dir: str, steps: int) -> str:
+def run_state(run_dir: str) -> str:
     """'done', 'partial' (resume it) or 'new'."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.exists(path):
         return "new"
-    return "done" if train.load_checkpoint(path)["step"] >= steps else "partial"
+    ckpt = train.load_checkpoint(path)
+    return "done" if ckpt["step"] >= ckpt["train_config"]["steps"] else "partial"
 
 
-def run_all(a):
-    for name in a.runs:
-        state = run_state(os.path.join(a.out, name), a.steps)
-        if state == "done":
-            print(f"== {name}: finished earlier, skipped")
-            continue
-        launcher = [sys.executable] if a.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}"]
-        cmd = launcher + [os.path.join(ROOT, "train.py")] + train_args(a, name) + (["--resume"] if state == "partial" else [])
-        print(f"== {name}: {' '.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True)
+def run(a, name: str, flags: list):
+    """Train one run to its end: skipped when finished, resumed when interrupted."""
+    state = run_state(os.path.join(a.out, name))
+    if state == "done":
+        print(f"== {name}: finished earlier, skipped")
+        return
+    launcher = [sys.executable] if a.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}"]
+    cmd = launcher + [os.path.join(ROOT, "train.py")] + train_args(a, name, flags) + (["--resume"] if state == "partial" else [])
+    print(f"== {name}: {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def ablation_runs(a) -> dict:
+    """Figure 7's switching-time ablation: a half-depth model trained s steps, stacked to full depth and
+    trained F = steps/4 more, for several s; and the full-depth model trained F steps from scratch."""
+    n = bert_depth(a.preset)
+    F = max(2, a.steps // 4)
+    runs = {f"switch-{s}": ["--method", "stack", "--schedule", f"{n // 2}:{s},{n}:{F}", "--steps", str(s + F)]
+            for s in (F // 4, F // 2, F)}
+    runs["switch-scratch"] = ["--method", "baseline", "--schedule", f"{n}:{F}", "--steps", str(F)]
+    return {name: flags + ["--lr", str(a.lr)] for name, flags in runs.items()}
+
+
+def bert_depth(preset: str) -> int:
+    import bert
+    return bert.PRESETS[preset].n_layer
+
+
+def ablation_report(a, runs: dict):
+    """Validation loss against steps after the switch, one curve per switching time."""
+    series = {}
+    for name, flags in runs.items():
+        switch = int(flags[flags.index("--steps") + 1]) - max(2, a.steps // 4)
+        series[name] = [(step - switch, loss) for step, _, loss, _ in val_points(train.read_log(os.path.join(a.out, name)))
+                        if step >= switch]
+    path = os.path.join(a.out, "switch_ablation.svg")
+    train.svg_plot(series, path, "steps after stacking (from scratch: all steps)", "validation loss (MLM + NSP)",
+                   "Switching-time ablation (Gong et al. 2019, Figure 7)")
+    lines = ["| run | loss at switch | final loss |", "|---|---|---|"]
+    lines += [f"| {n} | {s[0][1]:.3f} | {s[-1][1]:.3f} |" for n, s in series.items()]
+    with open(os.path.join(a.out, "switch_ablation.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {path}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -209,6 +249,12 @@ def unigram_entropy(a) -> float:
 if __name__ == "__main__":
     args = parse_args()
     os.makedirs(args.out, exist_ok=True)
-    if not args.report_only:
-        run_all(args)
+    for name in args.runs:
+        if not args.report_only:
+            run(args, name, method_flags(args, name))
     report(args)
+    if args.ablation:
+        for name, flags in ablation_runs(args).items():
+            if not args.report_only:
+                run(args, name, flags)
+        ablation_report(args, ablation_runs(args))
