@@ -13,6 +13,13 @@ import torch
 
 import bert
 from bert import IGNORE, Bert, BertConfig
+import json
+import sys
+from collections import Counter
+from types import SimpleNamespace
+import numpy as np
+import data
+from data import DataError
 
 SMALL = dict(vocab_size=97, max_position=32, n_layer=3, n_head=4, d_model=32, d_ff=64)
 
@@ -341,3 +348,418 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, run_cache):
     assert sorted(ddp) == sorted(one) == list(range(1, 7))
     for step in one:
         assert ddp[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5), step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data.py
+
+DATA_SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
+REAL_FILES = sorted(
+    [os.path.join("wikitext-2-raw", f) for f in ("wiki.valid.raw", "wiki.test.raw")]
+    + [os.path.join("gutenberg", f) for f in (os.listdir(os.path.join(DATA_SHARED, "gutenberg"))
+                                             if os.path.isdir(os.path.join(DATA_SHARED, "gutenberg")) else [])
+       if f.endswith(".txt")]
+    + [os.path.join("brown", "brown.txt")])
+
+
+def data_quiet(*_):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer
+
+@pytest.fixture(scope="module")
+def real_tok():
+    """A tokenizer trained on ~20 KB from each real corpus file (~350 KB in all)."""
+    if not os.path.isdir(DATA_SHARED):
+        pytest.skip("shared/data not present")
+    texts = []
+    for f in REAL_FILES:
+        with open(os.path.join(DATA_SHARED, f), encoding="utf-8") as fh:
+            texts += fh.read(20_000).splitlines()
+    return data.Tokenizer.train(texts, 2000)
+
+
+@pytest.mark.parametrize("name", REAL_FILES)
+def test_round_trip_real_corpus(real_tok, name):
+    with open(os.path.join(DATA_SHARED, name), encoding="utf-8") as f:
+        text = f.read(200_000)
+    ids = real_tok.encode(text)
+    assert real_tok.decode(ids) == real_tok.normalize(text)
+    assert min(ids) >= 5 and max(ids) < real_tok.vocab_size
+    assert len(ids) < 0.5 * len(text)  # BPE compresses: well under one token per character
+
+
+WEIRD_TEXTS = ["", " ", "\n\t\r", "\x00\x01\x1f\x7f", "emoji 😀👍🏽 🇺🇸 family 👨‍👩‍👧", "lone \ud800 surrogate \udfff",
+         "Ünïcödé ŞTRASSE ß İstanbul", "zero\u200bwidth\u2028line\u3000ideographic", "日本語のテキスト", "مرحبا بالعالم",
+         "'s 're 'S I'LL don't", "a  b\t\tc\n\nd \r\n e", "[MASK] [CLS] [SEP]", "x" * 3000, "١٢٣ ½ ² 𝟘𝟙"]
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+@pytest.mark.parametrize("text", WEIRD_TEXTS)
+def test_round_trip_never_crashes(text, lowercase):
+    tok = data.Tokenizer.train(["hello world, the cat's mat", "Ünïcödé 😀 text"] * 3, 300, lowercase)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == tok.normalize(text)
+    assert all(5 <= i < tok.vocab_size for i in ids)  # text never produces specials
+
+
+def test_round_trip_random_code_points():
+    rng = np.random.default_rng(0)
+    tok = data.Tokenizer.train(["some training text here"], 300)
+    for _ in range(200):
+        text = "".join(map(chr, rng.integers(0, 0x10FFFF, size=rng.integers(0, 30))))
+        assert tok.decode(tok.encode(text)) == tok.normalize(text)
+
+
+def test_normalize_known_answer():
+    assert data.Tokenizer([], lowercase=True).normalize("  Hello\r\n  World ") == "hello world"
+    assert data.Tokenizer([], lowercase=False).normalize("  Hello\r\n  World ") == "Hello World"
+    assert data.PRETOKEN.findall("the cat's 2 mats!") == ["the", " cat", "'s", " 2", " mats", "!"]
+
+
+def test_save_load_and_checkpoint(tmp_path, real_tok):
+    path = str(tmp_path / "tok.json")
+    real_tok.save(path)
+    loaded = data.Tokenizer.load(path)
+    assert loaded.hash() == real_tok.hash() and loaded.vocab_size == real_tok.vocab_size
+    assert json.load(open(path))["vocab"][real_tok.encode("the")[0]] == "the"  # readable
+    torch.save({"tokenizer": real_tok.to_dict()}, tmp_path / "ckpt.pt")
+    d = torch.load(tmp_path / "ckpt.pt", weights_only=True)["tokenizer"]
+    text = "A sentence from the checkpoint."
+    assert data.Tokenizer.from_dict(d).encode(text) == real_tok.encode(text)
+    with pytest.raises(DataError):
+        data.Tokenizer.from_dict(dict(d, version=99))
+
+
+def naive_merges(words: dict, n_merges: int) -> list:
+    """Reference BPE: recount every pair of every word before each merge."""
+    words = {tuple(w): c for w, c in words.items()}
+    merges = []
+    for k in range(n_merges):
+        counts = Counter()
+        for w, c in words.items():
+            for pair in zip(w, w[1:]):
+                counts[pair] += c
+        if not counts:
+            break
+        pair = min(counts, key=lambda p: (-counts[p], p))  # most frequent, then smallest ids
+        if counts[pair] < 2:
+            break
+        merges.append(pair)
+        merged = Counter()
+        for w, c in words.items():
+            merged[tuple(data.merge_pair(list(w), pair, data.N_BASE + k))] += c
+        words = merged
+    return merges
+
+
+def bpe_words_of(texts):
+    tok = data.Tokenizer([])
+    counts = Counter(p for t in texts for p in data.PRETOKEN.findall(tok.normalize(t)))
+    return {tuple(b + 5 for b in p.encode()): c for p, c in counts.items()}
+
+
+@pytest.mark.parametrize("texts", [
+    [" ".join(s) for s in data.synthetic_corpus(seed=1, n_docs=20)],
+    ["aaaa abab baba aabb", "ab ab ab ba ba ba", "zzzz"],  # many ties
+    ["low lower lowest newer wider new newest", "Ünïcödé 😀😀 text text"],
+])
+def test_incremental_bpe_equals_naive(texts):
+    words = bpe_words_of(texts)
+    assert data.learn_merges(words, 400) == naive_merges(words, 400)
+    assert data.Tokenizer.train(texts, data.N_BASE + 400).merges == naive_merges(words, 400)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Readers
+
+def data_write(tmp_path, name, content, mode="w"):
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "wb":
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return str(path)
+
+
+DATA_LINES = "The cat sat. It slept.\nThen it woke.\n\nA second doc.\nWith two lines.\n\nOnly one sentence.\n"
+
+
+def test_blank_line_documents(tmp_path):
+    docs, report = data.read_corpus([data_write(tmp_path, "a.txt", DATA_LINES)])
+    assert docs == [["The cat sat.", "It slept.", "Then it woke."], ["A second doc.", "With two lines."]]
+    assert report["skipped_short_documents"] == 1 and report["files_lines"] == 1
+
+
+def test_crlf_bom_trailing_whitespace(tmp_path):
+    messy = ("\ufeff" + DATA_LINES.replace("\n", "  \t\r\n")).encode("utf-8")
+    docs, _ = data.read_corpus([data_write(tmp_path, "messy.txt", messy, "wb")])
+    assert docs == data.read_corpus([data_write(tmp_path, "clean.txt", DATA_LINES)])[0]
+
+
+def test_wikitext(tmp_path):
+    raw = (" \n = Lobster = \n \n Homarus is a lobster . It is blue .\n \n = = Description = = \n \n"
+           " It grows to 60 cm . \n = Second article = \n \n First . Second .\n = Stub = \n \n Just one .\n")
+    docs, report = data.read_corpus([data_write(tmp_path, "wiki.test.raw", raw)])
+    assert docs == [["Homarus is a lobster .", "It is blue .", "It grows to 60 cm ."], ["First .", "Second ."]]
+    assert report["files_wikitext"] == 1 and report["skipped_short_documents"] == 1
+    # the content decides for a .txt name too
+    assert data.read_corpus([data_write(tmp_path, "wiki.txt", raw)])[0] == docs
+
+
+def test_jsonl(tmp_path):
+    lines = [json.dumps({"text": "One doc. Two sentences."}), "",
+             json.dumps({"text": "Para one.\n\nPara two. Three.", "id": 7})]
+    docs, report = data.read_corpus([data_write(tmp_path, "d.jsonl", "\n".join(lines))])
+    assert docs == [["One doc.", "Two sentences."], ["Para one.", "Para two.", "Three."]]
+    assert report["files_jsonl"] == 1
+
+
+def test_book_layout_and_folder(tmp_path):
+    book = "[A Book]\n\nCHAPTER I\n\nIt was a dark\nnight. Rain fell\non the roof.\n\nMr. Holmes said no.\n"
+    data_write(tmp_path, "corpus/books/b.txt", book)
+    data_write(tmp_path, "corpus/news/n.txt", DATA_LINES)
+    data_write(tmp_path, "corpus/extra.jsonl", json.dumps({"text": "J one. J two."}))
+    data_write(tmp_path, "corpus/README", "not a corpus file")
+    docs, report = data.read_corpus([str(tmp_path / "corpus")])
+    assert docs[0] == ["[A Book]", "CHAPTER I", "It was a dark night.", "Rain fell on the roof.", "Mr. Holmes said no."]
+    assert len(docs) == 4 and (report["files_book"], report["files_lines"], report["files_jsonl"]) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("empty.txt", b"", "empty"),
+    ("blank.txt", b"\xef\xbb\xbf  \n\r\n", "empty"),
+    ("latin1.txt", "Caf\u00e9 au lait. Good.".encode("latin-1"), "byte offset 3"),
+    ("bad.jsonl", b'{"text": "ok. ok."}\n{"text": broken\n', r"bad.jsonl:2"),
+    ("nofield.jsonl", b'{"body": "x. y."}\n', r"nofield.jsonl:1"),
+])
+def test_bad_files_name_the_file(tmp_path, name, content, match):
+    path = data_write(tmp_path, name, content, "wb")
+    with pytest.raises(DataError, match=match) as e:
+        data.read_corpus([path])
+    assert name in str(e.value)
+
+
+def test_bad_paths_and_replace(tmp_path):
+    (tmp_path / "empty_dir" / "sub").mkdir(parents=True)
+    data_write(tmp_path, "empty_dir/sub/notes.md", "not text")
+    with pytest.raises(DataError, match="empty_dir.*no text files"):
+        data.read_corpus([str(tmp_path / "empty_dir")])
+    with pytest.raises(DataError, match="missing.txt"):
+        data.read_corpus([str(tmp_path / "missing.txt")])
+    path = data_write(tmp_path, "latin1.txt", "Caf\u00e9 au lait. Good.".encode("latin-1"), "wb")
+    assert data.read_corpus([path], decode_errors="replace")[0] == [["Caf\ufffd au lait.", "Good."]]
+
+
+def test_split_documents():
+    docs = [[f"d{i} a.", f"d{i} b."] for i in range(1000)]
+    train, valid = data.split_documents(docs, seed=3)
+    assert len(valid) == 5 and sorted(train + valid) == sorted(docs)
+    assert (train, valid) == data.split_documents(docs, seed=3)
+    assert valid != data.split_documents(docs, seed=4)[1]
+    with pytest.raises(DataError, match="usable documents"):
+        data.split_documents(docs[:3], seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cache
+
+@pytest.fixture
+def data_corpus_file(tmp_path):
+    docs = data.synthetic_corpus(seed=5, n_docs=200)
+    return data_write(tmp_path, "corpus.txt", "\n\n".join("\n".join(d) for d in docs) + "\n")
+
+
+def data_prep(corpus, cache, **kw):
+    cfg = data.DataConfig(corpus=[corpus], cache_dir=str(cache), **{"vocab_size": 400, **kw})
+    return data.prepare(cfg, progress=data_quiet)
+
+
+def test_cache_reuse_and_rebuild(tmp_path, data_corpus_file):
+    cache = tmp_path / "cache"
+    first = data_prep(data_corpus_file, cache)
+    second = data_prep(data_corpus_file, cache)
+    assert not first.reused and second.reused
+    assert isinstance(second.train.tokens, np.memmap)
+    assert np.array_equal(first.train.tokens, second.train.tokens) and first.tokenizer.hash() == second.tokenizer.hash()
+    assert second.report["documents"] == 200 and second.train.num_docs + second.valid.num_docs == 200
+    assert 0 < second.unigram_entropy < math.log(second.tokenizer.vocab_size)
+    assert not data_prep(data_corpus_file, cache, lowercase=False).reused
+    assert not data_prep(data_corpus_file, cache, vocab_size=500).reused
+    assert not data_prep(data_corpus_file, cache, seed=1).reused
+    with open(data_corpus_file, "a") as f:
+        f.write("\nA new document.\nWith two sentences.\n")
+    rebuilt = data_prep(data_corpus_file, cache, seed=1)
+    assert not rebuilt.reused and rebuilt.report["documents"] == 201
+
+
+@pytest.mark.parametrize("damage", ["truncate_tokens", "drop_header", "swap_tokenizer"])
+def test_damaged_cache_is_rebuilt(tmp_path, data_corpus_file, damage):
+    cache = tmp_path / "cache"
+    good = data_prep(data_corpus_file, cache)
+    tokens = np.array(good.train.tokens)
+    if damage == "truncate_tokens":
+        path = cache / "train.tokens.npy"
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "drop_header":  # what an interrupted build leaves
+        os.remove(cache / "header.json")
+    else:
+        data.Tokenizer.train(["other text entirely"], 300).save(str(cache / "tokenizer.json"))
+    again = data_prep(data_corpus_file, cache)
+    assert not again.reused and np.array_equal(again.train.tokens, tokens)
+    assert data_prep(data_corpus_file, cache).reused
+
+
+def test_given_tokenizer_rebuilds(tmp_path, data_corpus_file):
+    cache = tmp_path / "cache"
+    first = data_prep(data_corpus_file, cache)
+    other = data.Tokenizer.train(["a much smaller training text"], 300)
+    other.save(str(tmp_path / "other.json"))
+    again = data_prep(data_corpus_file, cache, tokenizer=str(tmp_path / "other.json"))
+    assert not again.reused and again.tokenizer.hash() == other.hash() != first.tokenizer.hash()
+
+
+def test_corpus_too_small(tmp_path):
+    path = data_write(tmp_path, "tiny.txt", "One doc. Two sentences.\n\nAnother doc. Yes.\n")
+    with pytest.raises(DataError, match="usable documents"):
+        data_prep(path, tmp_path / "cache")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batches
+
+@pytest.fixture(scope="module")
+def synthetic_split():
+    docs = data.synthetic_corpus(seed=0, n_docs=300)
+    tok = data.Tokenizer.train([s for d in docs for s in d], 600)
+    return tok, data.tokenize_documents(docs, tok, progress=data_quiet)
+
+
+def batch_seps(batch):
+    """Per row: position of the first and second [SEP]."""
+    ids = batch["input_ids"].numpy()
+    seps = [np.flatnonzero(row == data.SEP) for row in ids]
+    assert all(len(s) == 2 for s in seps), "exactly two [SEP] per row"
+    return np.array([s[0] for s in seps]), np.array([s[1] for s in seps])
+
+
+@pytest.mark.parametrize("seq_len", [16, 64, 128])
+def test_batch_invariants(synthetic_split, seq_len):
+    tok, split = synthetic_split
+    batch = data.Batches(split, tok, seq_len, seed=1).get(range(1500))
+    assert all(v.dtype == torch.long for v in batch.values())
+    ids, types, att, labels = (batch[k].numpy() for k in ("input_ids", "token_type_ids", "attention_mask", "mlm_labels"))
+    n = len(ids)
+    assert ids.shape == types.shape == att.shape == labels.shape == (n, seq_len) and batch["nsp_labels"].shape == (n,)
+    sep1, sep2 = batch_seps(batch)
+    pos = np.arange(seq_len)[None]
+    assert (ids[:, 0] == data.CLS).all() and (sep1 >= 2).all() and (sep2 >= sep1 + 2).all()
+    assert np.array_equal(types, ((pos > sep1[:, None]) & (pos <= sep2[:, None])).astype(int))
+    assert np.array_equal(att, (pos <= sep2[:, None]).astype(int)) and np.array_equal(att, (ids != data.PAD).astype(int))
+    chosen = labels != data.IGNORE
+    special = (pos == 0) | (pos == sep1[:, None]) | (pos == sep2[:, None]) | (att == 0)
+    assert not (chosen & special).any() and (labels[chosen] >= 5).all()
+    assert not ((ids == data.MASK) & ~chosen).any()
+    eligible = sep2 - 2
+    assert np.array_equal(chosen.sum(1), np.maximum(1, np.round(eligible * 0.15)))  # 15%, at least one
+    # of the chosen: 80% [MASK], 10% a random ordinary token, 10% unchanged (4 sigma bounds)
+    m = chosen.sum()
+    frac_mask = (ids[chosen] == data.MASK).mean()
+    frac_same = (ids[chosen] == labels[chosen]).mean()
+    assert abs(frac_mask - 0.8) < 4 * math.sqrt(0.16 / m)
+    assert abs(frac_same - 0.1 - 0.1 / tok.vocab_size) < 4 * math.sqrt(0.09 / m)
+    assert ((ids[chosen] >= 5) | (ids[chosen] == data.MASK)).all()
+    # NSP: half true continuations
+    assert abs(batch["nsp_labels"].float().mean().item() - 0.5) < 4 * math.sqrt(0.25 / n)
+    # most rows are full length (short_seq_prob = 0.1 of shorter targets; documents hold ~150 tokens)
+    if seq_len <= 64:
+        assert (sep2 == seq_len - 1).mean() > 0.8
+
+
+def test_segments_come_from_the_right_places():
+    """With token id = position in the corpus, every example shows where A and B were taken from."""
+    rng = np.random.default_rng(0)
+    sent_lens = rng.integers(1, 30, size=3000)
+    doc_sizes = rng.integers(2, 12, size=600)
+    doc_sizes = doc_sizes[np.cumsum(doc_sizes) <= len(sent_lens)]
+    sent_starts = np.r_[0, np.cumsum(sent_lens[:doc_sizes.sum()])]
+    split = data.Split(np.arange(5, 5 + sent_starts[-1]), sent_starts, np.r_[0, np.cumsum(doc_sizes)])
+    tok = SimpleNamespace(vocab_size=int(5 + sent_starts[-1]))
+    T = 64
+    batch = data.Batches(split, tok, T, seed=0).get(range(2000))
+    sep1, sep2 = batch_seps(batch)
+    ids, labels = batch["input_ids"].numpy(), batch["mlm_labels"].numpy()
+    orig = np.where(labels != data.IGNORE, labels, ids) - 5  # corpus positions
+    doc_of_pos = np.searchsorted(split.doc_starts, np.searchsorted(sent_starts, np.arange(sent_starts[-1]), "right") - 1,
+                                 "right") - 1
+    for row in range(len(ids)):
+        a, b = orig[row, 1:sep1[row]], orig[row, sep1[row] + 1:sep2[row]]
+        assert (np.diff(a) == 1).all() and (np.diff(b) == 1).all(), "segments are contiguous text"
+        same_doc = doc_of_pos[a[0]] == doc_of_pos[a[-1]] == doc_of_pos[b[0]] == doc_of_pos[b[-1]]
+        if batch["nsp_labels"][row] == 0:
+            assert same_doc and b[0] > a[-1]
+            if len(a) + len(b) < T - 3:  # not truncated: A starts a sentence, B follows A, B ends a sentence
+                assert a[0] in sent_starts and b[0] == a[-1] + 1 and b[-1] + 1 in sent_starts
+        else:
+            assert doc_of_pos[a[0]] != doc_of_pos[b[0]]
+
+
+@pytest.mark.parametrize("len_a,len_b,max_tokens", [(10, 3, 8), (6, 6, 8), (7, 6, 8), (3, 3, 8), (50, 49, 10), (1, 40, 5)])
+def test_truncate_lengths_matches_bert_loop(len_a, len_b, max_tokens):
+    a, b = len_a, len_b
+    while a + b > max_tokens:  # BERT's truncate_seq_pair
+        if a > b:
+            a -= 1
+        else:
+            b -= 1
+    assert data.truncate_lengths(len_a, len_b, max_tokens) == (a, b)
+
+
+def test_determinism_and_rank_shares(synthetic_split):
+    tok, split = synthetic_split
+    batches = data.Batches(split, tok, 32, seed=7)
+    full = batches.for_step(3, 16)
+    for k, v in batches.for_step(3, 16).items():
+        assert torch.equal(v, full[k])
+    assert not torch.equal(batches.for_step(4, 16)["input_ids"], full["input_ids"])
+    assert not torch.equal(data.Batches(split, tok, 32, seed=8).for_step(3, 16)["input_ids"], full["input_ids"])
+    assert torch.equal(batches.get([50, 51])["input_ids"][1], batches.get([51])["input_ids"][0])  # per-example
+    for world, n_micro in [(2, 1), (1, 2), (4, 2), (2, 4)]:
+        parts = [batches.for_step(3, 16, rank, world, micro, n_micro) for rank in range(world) for micro in range(n_micro)]
+        for k in full:
+            assert torch.equal(torch.cat([p[k] for p in parts]), full[k]), (world, n_micro, k)
+    with pytest.raises(DataError, match="not divisible"):
+        batches.for_step(0, 10, world_size=4)
+
+
+def test_batches_need_two_documents(synthetic_split):
+    tok, split = synthetic_split
+    one = data.Split(split.tokens[:split.sent_starts[2]], split.sent_starts[:3], np.array([0, 2]))
+    with pytest.raises(DataError, match="document"):
+        data.Batches(one, tok, 32, seed=0)
+
+
+def test_synthetic_corpus_is_seeded():
+    a, b = data.synthetic_corpus(seed=0, n_docs=50), data.synthetic_corpus(seed=1, n_docs=50)
+    assert a == data.synthetic_corpus(seed=0, n_docs=50) and a != b
+    assert all(len(d) >= 8 for d in a)
+    words = Counter(w for d in a for s in d for w in s.lower().split())
+    assert words["a"] > 0 and words["the"] > 0
+
+
+def test_unigram_entropy_known_answer():
+    split = data.Split(np.array([5, 5, 6, 6], np.uint16), np.array([0, 2, 4]), np.array([0, 2]))
+    assert data.unigram_entropy(split, 10) == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"tokenizer": "no/such/tokenizer.json"}, "tokenizer file not found"),
+    ({"layout": "pages"}, "layout"),
+    ({"seq_len": 4}, "too short"),
+])
+def test_prepare_config_errors(tmp_path, data_corpus_file, change, match):
+    with pytest.raises(DataError, match=match):
+        data_prep(data_corpus_file, tmp_path / "cache", **change)

@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -529,6 +530,7 @@ class Trainer:
         cfg = self.cfg
         self.print(f"schedule: {self.schedule}")
         self.print(bert.describe(self.model))
+        self.print(reference_line(self.prepared))
         tokens_per_step = cfg.batch_size * cfg.seq_len
         window_t, window_steps = time.perf_counter(), 0
         while self.step < cfg.steps:
@@ -571,6 +573,14 @@ class Trainer:
             plot_runs([self.out], os.path.join(self.out, "val_loss.svg"))
         self.print(f"done: {cfg.steps} steps in {fmt_time(self.wall)} of training; checkpoint {os.path.join(self.out, 'checkpoint.pt')}")
         return 0
+
+
+def reference_line(prepared) -> str:
+    """What a model that ignores context scores, to read the losses against."""
+    tokens = prepared.train.tokens
+    counts = np.bincount(tokens, minlength=prepared.tokenizer.vocab_size)[len(data.SPECIALS):]
+    return (f"reference: unigram entropy {prepared.unigram_entropy:.3f} nats (MLM loss ignoring context); "
+            f"guessing the most frequent token gives MLM accuracy {counts.max() / counts.sum():.3f}; NSP chance 0.693 / 0.5")
 
 
 def make_schedule(cfg: TrainConfig):
