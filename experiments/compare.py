@@ -3,6 +3,7 @@
 Runs, one after another, each as a `train.py` run in its own directory under --out:
   baseline (Adam), stack, identity, identity-noise          -- Gong et al. 2019, Adam
   baseline-lamb, mslt, albert-mslt                         -- MSLT, LAMB
+  mslt-adam                                                -- MSLT with Adam, against the Adam baseline
 then writes, from the runs' logs:
   val_loss.svg    validation loss against training wall time (validation excluded): Figure 5's analogue
   results.md      time to reach the baseline's validation loss at 1/4, 1/2 and all of its budget, speed-ups,
@@ -39,6 +40,7 @@ DEFAULT_CORPUS = [os.path.join(SHARED, p) for p in ("gutenberg", "brown", "wikit
 RUNS = {
     "baseline": ("baseline", "adam"),
     "stack": ("stack", "adam"),
+    "mslt-adam": ("mslt", "adam"),  # MSLT with the stacking paper's optimizer, against the same Adam baseline
     "identity": ("identity", "adam"),
     "identity-noise": ("identity-noise", "adam"),
     "baseline-lamb": ("baseline", "lamb"),
@@ -47,6 +49,9 @@ RUNS = {
 }
 BASELINE_OF = {"adam": "baseline", "lamb": "baseline-lamb"}
 FRACTIONS = (0.25, 0.5, 1.0)
+# A CPU-sized GLUE protocol: the shared tasks, one learning rate suited to small models, three seeds, at most
+# 2,000 training examples and 3 epochs. The papers' grid is glue.py's default (--glue-args "--task all").
+GLUE_CPU = "--task RTE MRPC CoLA STS-B SST-2 WNLI --lrs 1e-4 --seeds 0 1 2 --epochs 3 --max-train-examples 2000"
 QUICK = dict(preset="tiny", corpus=[], vocab_size=1000, seq_len=64, steps=200, eval_batches=4, out="runs/compare-quick")
 
 
@@ -58,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, synthetic corpus, a few minutes")
     p.add_argument("--report-only", action="store_true", help="do not train; rebuild results from the logs")
     p.add_argument("--ablation", action="store_true", help="also run the switching-time ablation (Figure 7)")
+    p.add_argument("--glue", action="store_true", help="fine-tune the final checkpoints on GLUE dev, side by side")
+    p.add_argument("--glue-runs", nargs="+", default=["baseline", "stack", "mslt"], help="runs to fine-tune")
+    p.add_argument("--glue-args", default=GLUE_CPU, help="glue.py flags (default: a CPU-sized grid)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
     # data (the same for every run)
     p.add_argument("--corpus", nargs="*", default=DEFAULT_CORPUS, help="text files/folders (default: ../shared/data)")
@@ -246,6 +254,24 @@ def unigram_entropy(a) -> float:
     return data.prepare(cfg, progress=lambda *x, **k: None).unigram_entropy
 
 
+def glue_compare(a):
+    """Fine-tune each run's final checkpoint with glue.py (resumable), then one table side by side."""
+    dirs = []
+    for name in a.glue_runs:
+        out = os.path.join(a.out, name, "glue")
+        cmd = [sys.executable, os.path.join(ROOT, "glue.py"), "--checkpoint", os.path.join(a.out, name, "checkpoint.pt"),
+               "--out", out, "--no-test"] + a.glue_args.split()
+        if not a.report_only:
+            print(f"== GLUE {name}: {' '.join(cmd)}", flush=True)
+            subprocess.run(cmd, check=True)
+        dirs.append(out)
+    table = subprocess.run([sys.executable, os.path.join(ROOT, "glue.py"), "--table", *dirs], check=True,
+                           capture_output=True, text=True).stdout
+    with open(os.path.join(a.out, "glue.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
 if __name__ == "__main__":
     args = parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -258,3 +284,5 @@ if __name__ == "__main__":
             if not args.report_only:
                 run(args, name, flags)
         ablation_report(args, ablation_runs(args))
+    if args.glue:
+        glue_compare(args)
