@@ -238,8 +238,9 @@ class Schedule:
         return starts[1:]
 
     def stage_at(self, step: int) -> tuple[int, int]:
-        """(index of the stage that optimizer step `step` (0-based) belongs to, first step of that stage)."""
-        if not 0 <= step < self.total_steps:
+        """(index of the stage that optimizer step `step` (0-based) belongs to, first step of that stage).
+        step == total_steps, a finished run, belongs to the last stage."""
+        if not 0 <= step <= self.total_steps:
             raise ValueError(f"step {step} is outside the schedule's {self.total_steps} steps")
         starts = [0] + self.switch_steps
         index = max(i for i, start in enumerate(starts) if start <= step)
