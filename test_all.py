@@ -22,6 +22,7 @@ import data
 from data import DataError
 from dataclasses import asdict
 import glue
+import stack
 
 SMALL = dict(vocab_size=97, max_position=32, n_layer=3, n_head=4, d_model=32, d_ff=64)
 
@@ -1047,3 +1048,300 @@ def test_submission_strings():
     assert glue.prediction_strings(glue.TASKS["STS-B"], np.array([-0.3, 2.4567, 7.0])) == ["0.000", "2.457", "5.000"]
     assert glue.prediction_strings(glue.TASKS["MNLI"], np.array([2.0, 0.0])) == ["neutral", "contradiction"]
     assert glue.prediction_strings(glue.TASKS["CoLA"], np.array([1.0, 0.0])) == ["1", "0"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stack.py
+
+TINY = dict(vocab_size=97, max_position=32, n_head=4, d_model=32, d_ff=64)
+
+
+def tiny_model(n_layer=3, seed=0, **overrides):
+    """A small model in eval mode (no dropout), so outputs can be compared exactly."""
+    torch.manual_seed(seed)
+    return Bert(BertConfig(**{**TINY, "n_layer": n_layer, **overrides})).eval()
+
+
+def tiny_batch(B=4, T=16, seed=0):
+    """Random ids with padding in one row, segments, ~30% MLM labels and NSP labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, TINY["vocab_size"], (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[-1, T - 5:] = 0
+    labels = torch.where((torch.rand(B, T, generator=g) < 0.3) & mask.bool(), ids, torch.full_like(ids, IGNORE))
+    labels[:, 1] = ids[:, 1]
+    segments = (torch.arange(T) >= T // 2).long().expand(B, T) * mask
+    return dict(input_ids=ids * mask, token_type_ids=segments, attention_mask=mask, mlm_labels=labels,
+                nsp_labels=torch.randint(0, 2, (B,), generator=g))
+
+
+def snapshot(model):
+    """Detached copies of every parameter, keyed by the parameter object (shared blocks appear once)."""
+    return {p: p.detach().clone() for p in model.parameters()}
+
+
+def adamw_step(model, batch):
+    """One AdamW step over the parameters that require grad, as train.py builds its optimizer."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+    loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def assert_copy(new_layer, old_layer):
+    """Every parameter equal in value, held in different storage (a copy, not a shared tensor)."""
+    for p, q in zip(new_layer.parameters(), old_layer.parameters(), strict=True):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Growth operators
+
+
+@pytest.mark.parametrize("L,n", [(3, 6), (3, 12), (2, 8)])
+def test_stack_copies_layer_j_mod_L(L, n):
+    old = tiny_model(L, pre_norm=True)
+    before = snapshot(old)
+    new = stack.stack(old, n)
+    assert new.config.n_layer == len(new.layers) == n and old.config.n_layer == len(old.layers) == L
+    for j in range(n):
+        assert_copy(new.layers[j], old.layers[j % L])
+    assert len({id(layer) for layer in new.layers}) == n  # no two new layers share a block
+    old_rest, new_rest = stack._non_layer_parameters(old), stack._non_layer_parameters(new)
+    assert all(torch.equal(p, q) and p is not q for p, q in zip(new_rest, old_rest, strict=True))
+    assert all(torch.equal(p, v) for p, v in before.items())  # the input model is untouched
+
+
+def test_stacked_model_trains():
+    new, batch = stack.stack(tiny_model(3), 6).train(), tiny_batch()
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(new.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = new(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("n,group_size,message", [(3, 1, "not larger"), (2, 1, "not larger"), (8, 1, "not a multiple"),
+                                                   (12, 3, "shares blocks")])
+def test_stack_rejects(n, group_size, message):
+    model = tiny_model(6 if group_size > 1 else 3, group_size=group_size)
+    with pytest.raises(ValueError, match=message):
+        stack.stack(model, n)
+
+
+@pytest.mark.parametrize("n_new,message", [(0, "between 1 and"), (4, "between 1 and")])
+def test_mslt_grow_rejects(n_new, message):
+    with pytest.raises(ValueError, match=message):
+        stack.mslt_grow(tiny_model(3), n_new)
+
+
+@pytest.mark.parametrize("n", [6, 12])
+def test_identity_is_function_preserving_in_pre_ln(n):
+    old, batch = tiny_model(3, pre_norm=True), tiny_batch()
+    del batch["mlm_labels"]
+    new = stack.identity(old, n)
+    for layer in new.layers[3:]:
+        assert not any(p.any() for m in (layer.attn.out, layer.ffn.out) for p in m.parameters())
+        assert layer.attn.qkv.weight.std() > 0.01  # the rest of the new layer is a fresh init, not zeros
+    a, b = old(**batch), new(**batch)
+    assert (a.mlm_logits - b.mlm_logits).abs().max() < 1e-6 and (a.nsp_logits - b.nsp_logits).abs().max() < 1e-6
+
+
+def test_identity_noise_has_the_requested_std():
+    big = dict(vocab_size=50, max_position=16, n_head=4, d_model=256, d_ff=1024, pre_norm=True)
+    old = Bert(BertConfig(n_layer=1, **big)).eval()
+    new = stack.identity(old, 2, noise_std=0.03, generator=torch.Generator().manual_seed(0))
+    noise = torch.cat([p.flatten() for m in (new.layers[1].attn.out, new.layers[1].ffn.out) for p in m.parameters()])
+    assert abs(noise.std().item() - 0.03) < 0.003 and abs(noise.mean().item()) < 0.001
+    again = stack.identity(old, 2, noise_std=0.03, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.layers[1].ffn.out.weight, new.layers[1].ffn.out.weight)  # reproducible from the generator
+    ids = torch.randint(5, 50, (2, 16))
+    assert (old(ids).mlm_logits - new(ids).mlm_logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("op,L,n,group_size", [("stack", 3, 6, 1), ("identity", 3, 12, 1), ("mslt", 3, 6, 1),
+                                               ("mslt", 6, 8, 1), ("mslt", 6, 9, 3)])
+def test_layer_sources_match_what_the_operators_copy(op, L, n, group_size):
+    old = tiny_model(L, group_size=group_size)
+    new = {"stack": lambda: stack.stack(old, n), "identity": lambda: stack.identity(old, n),
+           "mslt": lambda: stack.mslt_grow(old, n - L)}[op]()
+    sources = stack.layer_sources(op, L, n)
+    assert len(sources) == n and sources[:L] == list(range(L))  # the trained layers stay at the bottom
+    for j, s in enumerate(sources):
+        if s is None:
+            assert not torch.equal(new.layers[j].attn.qkv.weight, old.layers[j % L].attn.qkv.weight)
+        else:
+            assert_copy(new.layers[j], old.layers[s])
+
+
+def test_layer_sources_known_answers():
+    assert stack.layer_sources("stack", 3, 6) == [0, 1, 2, 0, 1, 2]
+    assert stack.layer_sources("identity", 2, 4) == [0, 1, None, None]
+    assert stack.layer_sources("mslt", 6, 9) == [0, 1, 2, 3, 4, 5, 3, 4, 5]
+    assert stack.layer_sources("retrain", 2, 2) == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MSLT: frozen bottom, trainable top and output layer
+
+
+def accumulated_parameters(loss):
+    """The leaf tensors autograd would write .grad into, found by walking the graph from `loss`."""
+    found, seen, todo = set(), set(), [loss.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            found.add(fn.variable)
+        todo.extend(f for f, _ in fn.next_functions)
+    return found
+
+
+def test_mslt_freezes_the_bottom_and_trains_the_top():
+    model = stack.set_trainable(stack.mslt_grow(tiny_model(3), 3).train(), 3)
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    frozen = {p for p in model.parameters() if not p.requires_grad}
+    top = set(model.layers[3:].parameters())
+    output = {*model.mlm_dense.parameters(), *model.mlm_ln.parameters(), *model.nsp.parameters(),
+              *model.pooler.parameters(), model.mlm_bias}
+    assert trainable == top | output and model.tok_emb.weight in frozen and model.pos_emb.weight in frozen
+    grad_seen = []
+    for j, layer in enumerate(model.layers):
+        layer.register_forward_hook(lambda m, args, out, j=j: grad_seen.append((j, out[0].requires_grad)))
+    before, batch = snapshot(model), tiny_batch()
+    loss = model(**batch).loss
+    assert grad_seen == [(j, j >= 3) for j in range(6)]  # frozen layers build no graph
+    assert accumulated_parameters(loss) == trainable  # backward reaches exactly the trainable parameters
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+    loss.backward()
+    opt.step()
+    assert all(p.grad is None and torch.equal(p, before[p]) for p in frozen)
+    assert all(not torch.equal(p, before[p]) for p in trainable)
+
+
+def test_pre_ln_output_layer_includes_final_ln():
+    model = stack.set_trainable(tiny_model(3, pre_norm=True), 1)
+    assert all(p.requires_grad for p in model.final_ln.parameters())
+    assert not model.emb_ln.weight.requires_grad and not model.layers[1].ffn.out.weight.requires_grad
+
+
+def test_mslt_schedule_freezes_embeddings_until_retrain():
+    schedule = stack.make_schedule("mslt", total_steps=50, n_layer=8, k=4)
+    model = Bert(stack.initial_config(schedule, BertConfig(**TINY)))
+    assert all(p.requires_grad for p in model.parameters())  # stage 1 trains everything
+    for i in range(1, len(schedule.stages)):
+        model = stack.grow_to(model, schedule, i)
+        stage = schedule.stages[i]
+        assert model.config.n_layer == stage.n_layer
+        if stage.grow == "mslt":
+            assert not model.tok_emb.weight.requires_grad and stack.count_parameters(model)[0] < stack.count_parameters(model)[1]
+            assert [any(p.requires_grad for p in l.parameters()) for l in model.layers] == [j >= stage.n_layer - 2 for j in range(stage.n_layer)]
+    assert schedule.stages[-1].grow == "retrain" and all(p.requires_grad for p in model.parameters())
+    assert "everything" in stack.trainable_summary(model)
+
+
+def test_albert_groups_grow_by_a_copied_group_and_freeze_the_rest():
+    old = tiny_model(6, group_size=3)
+    assert old.layers[0] is old.layers[2] and old.layers[3] is old.layers[5] and old.layers[2] is not old.layers[3]
+    new = stack.set_trainable(stack.mslt_grow(old, 3).train(), 3)
+    assert new.config.n_layer == 9 and new.layers[6] is new.layers[7] is new.layers[8]
+    assert new.layers[6] is not new.layers[3] and new.layers[3] is new.layers[5]
+    assert_copy(new.layers[6], old.layers[3])
+    before = snapshot(new)
+    adamw_step(new, tiny_batch())
+    for j in (0, 3):
+        assert all(torch.equal(p, before[p]) for p in new.layers[j].parameters())
+    assert all(not torch.equal(p, before[p]) for p in new.layers[6].parameters())
+    with pytest.raises(ValueError, match="whole number of groups"):
+        stack.mslt_grow(old, 2)
+    with pytest.raises(ValueError, match="whole number of groups"):
+        stack.set_trainable(new, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedules
+
+
+@pytest.mark.parametrize("total,parts", [(400, [50, 70, 280]), (1000, [125, 175, 700]), (401, [50, 70, 281])])
+def test_stack_schedule_keeps_the_papers_proportions(total, parts):
+    s = stack.make_schedule("stack", total)
+    assert [st.steps for st in s.stages] == parts and s.total_steps == total
+    assert [(st.n_layer, st.grow, st.trainable_top) for st in s.stages] == [(3, "init", None), (6, "stack", None), (12, "stack", None)]
+    assert str(s) == f"stack: 3L x {parts[0]} -> 6L x {parts[1]} (stack) -> 12L x {parts[2]} (stack)"
+
+
+def test_mslt_schedules():
+    s = stack.make_schedule("mslt", 1000)
+    assert [(st.n_layer, st.steps, st.grow, st.trainable_top) for st in s.stages] == [
+        (3, 200, "init", None), (6, 200, "mslt", 3), (9, 200, "mslt", 3), (12, 200, "mslt", 3), (12, 200, "retrain", None)]
+    a = stack.make_schedule("albert-mslt", 1000)
+    assert a.group_size == 3 and a.stages == s.stages
+    assert stack.initial_config(a, BertConfig(**TINY)).group_size == 3
+    assert [st.grow for st in stack.make_schedule("identity-noise", 400).stages] == ["init", "identity-noise", "identity-noise"]
+
+
+def test_stage_at_and_switch_steps():
+    s = stack.make_schedule("stack", 400)
+    assert s.switch_steps == [50, 120]
+    assert [s.stage_at(t) for t in (0, 49, 50, 119, 120, 400)] == [(0, 0), (0, 0), (1, 50), (1, 50), (2, 120), (2, 120)]
+    with pytest.raises(ValueError, match="outside"):
+        s.stage_at(401)
+
+
+@pytest.mark.parametrize("method", stack.METHODS)
+def test_schedule_round_trips(method):
+    s = stack.make_schedule(method, 1000)
+    assert stack.parse_schedule(s.spec(), method=method, group_size=s.group_size) == s
+    assert stack.Schedule.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_parse_schedule_per_stage_ops():
+    s = stack.parse_schedule("3:100,6:100:identity,12:200:mslt:3", method="custom")
+    assert [(st.grow, st.trainable_top) for st in s.stages] == [("init", None), ("identity", None), ("mslt", 3)]
+    assert stack.parse_schedule("4:10,8:10:mslt").stages[1].trainable_top == 4  # mslt trains its new layers
+
+
+@pytest.mark.parametrize("text,kwargs,message", [
+    ("3:50,6:x", {}, "bad stage '6:x'"),
+    ("3:50,5:70", {}, "multiple of the previous depth 3"),
+    ("6:50,3:50", {}, "must grow the depth beyond 6"),
+    ("3:50,6:50:grow", {}, "unknown grow 'grow'"),
+    ("3:50,12:50:mslt", {}, "at most 3"),
+    ("3:50,3:50:retrain:3", {}, "trainable_top=3"),
+    ("3:50,6:0", {}, "positive"),
+    ("3:50:mslt", {}, "first stage"),
+    ("4:50,8:50:mslt", {"group_size": 3}, "not a multiple of group_size 3"),
+    ("3:50,6:50:stack", {"group_size": 3}, "grouped models grow with mslt"),
+])
+def test_bad_schedules_fail_with_a_clear_message(text, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        stack.parse_schedule(text, **kwargs)
+
+
+@pytest.mark.parametrize("text", ["3:2,6:2,12:2", "2:2,4:2,8:2", "3:2,12:2"])
+def test_grow_to_any_depth_by_stacking(text):
+    schedule = stack.parse_schedule(text)
+    first = Bert(stack.initial_config(schedule, BertConfig(**TINY)))
+    model = first
+    for i in range(1, len(schedule.stages)):
+        model = stack.grow_to(model, schedule, i)
+    L = schedule.stages[0].n_layer
+    assert model.config.n_layer == schedule.stages[-1].n_layer
+    for j, layer in enumerate(model.layers):
+        assert_copy(layer, first.layers[j % L])  # stacking twice is stacking once to the final depth
+
+
+def test_grow_to_checks_the_model_matches_the_previous_stage():
+    schedule = stack.parse_schedule("3:2,6:2,12:2")
+    with pytest.raises(ValueError, match="the model has 3 layers"):
+        stack.grow_to(tiny_model(3), schedule, 2)
+    with pytest.raises(ValueError, match="stage 0"):
+        stack.grow_to(tiny_model(3), schedule, 0)
