@@ -68,9 +68,9 @@ class TrainConfig:
     lr: float = 2e-3  # peak learning rate
     warmup: int = 30  # linear warm-up steps at the start of the run (once, not after each switch)
     weight_decay: float = 0.01  # on matrices only, not on biases and LayerNorm
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-6
+    beta1: float = 0.9  # first-moment decay (paper: 0.9)
+    beta2: float = 0.999  # second-moment decay (paper: 0.999)
+    eps: float = 1e-6  # added to the denominator (paper: 1e-6)
     clip: float = 1.0  # max global gradient norm (0 = no clipping)
     rewarmup: int = 0  # ablation: linear re-warm-up steps after each optimizer reset
     carry_moments: bool = False  # ablation: copy Adam/LAMB moments into copied layers instead of resetting
@@ -607,9 +607,13 @@ def prepare_data(cfg: TrainConfig, d: Dist):
 # Command line.
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the module docstring's layout and shows every flag's default."""
+
+
 def parse_args(argv=None) -> tuple:
     """argparse mirroring TrainConfig, flags grouped as in the dataclass; returns (config, plot dirs)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                 epilog="Paper-scale recipes are in README.md.")
     d = TrainConfig()
     g = p.add_argument_group("model")
@@ -619,7 +623,7 @@ def parse_args(argv=None) -> tuple:
     g = p.add_argument_group("growth schedule")
     g.add_argument("--method", default=d.method, choices=list(stack.METHODS), help="training method (paper proportions of steps)")
     g.add_argument("--schedule", default=d.schedule, help='explicit schedule "depth:steps,..." e.g. "3:50,6:70,12:280"')
-    g.add_argument("--grow", default=d.grow, help="growth operator for an explicit --schedule")
+    g.add_argument("--grow", default=d.grow, choices=[g for g in stack.GROWS if g != "init"], help="growth operator for an explicit --schedule")
     g.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
     g.add_argument("--k", type=int, default=d.k, help="number of MSLT stages (before the retrain stage)")
     g = p.add_argument_group("data")
