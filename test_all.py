@@ -5,24 +5,24 @@ Each test asserts a property that would catch a real bug: equivalence with a tru
 Tests that need the optional reference packages (transformers) are skipped when those are missing.
 """
 
+import json
 import math
 import os
+import sys
+from collections import Counter
+from dataclasses import asdict
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 import bert
-from bert import IGNORE, Bert, BertConfig
-import json
-import sys
-from collections import Counter
-from types import SimpleNamespace
-import numpy as np
 import data
-from data import DataError
-from dataclasses import asdict
 import glue
 import stack
+from bert import IGNORE, Bert, BertConfig
+from data import DataError
 
 SMALL = dict(vocab_size=97, max_position=32, n_layer=3, n_head=4, d_model=32, d_ff=64)
 
@@ -204,153 +204,6 @@ def test_initialisation_follows_bert():
     assert torch.all(model.layers[0].ffn.inner.bias == 0) and torch.all(model.mlm_bias == 0)
     out = model(**random_batch(vocab=3000))
     assert abs(out.mlm_loss.item() - math.log(3000)) < 0.5  # an untrained head is close to uniform
-
-
-# ----------------------------------------------------------------------------------------------------------
-# train.py: LAMB
-
-
-def lamb_by_the_paper(params, grads_per_step, lr, b1, b2, eps, wd, excluded, max_grad_norm=None):
-    """You et al. 2019, Algorithm 2, transcribed directly in float64 numpy, one tensor at a time."""
-    import numpy as np
-    w = [p.detach().double().numpy().copy() for p in params]
-    m = [np.zeros_like(x) for x in w]
-    v = [np.zeros_like(x) for x in w]
-    for t, grads in enumerate(grads_per_step, start=1):
-        g = [x.double().numpy() for x in grads]
-        if max_grad_norm:
-            total = math.sqrt(sum(float((x ** 2).sum()) for x in g))
-            g = [x * min(1.0, max_grad_norm / (total + 1e-12)) for x in g]
-        for i in range(len(w)):
-            m[i] = b1 * m[i] + (1 - b1) * g[i]
-            v[i] = b2 * v[i] + (1 - b2) * g[i] ** 2
-            m_hat, v_hat = m[i] / (1 - b1 ** t), v[i] / (1 - b2 ** t)
-            r = m_hat / (np.sqrt(v_hat) + eps)
-            if i in excluded:
-                w[i] = w[i] - lr * r
-                continue
-            u = r + wd * w[i]
-            w_norm, u_norm = np.linalg.norm(w[i]), np.linalg.norm(u)
-            trust = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
-            w[i] = w[i] - lr * trust * u
-    return w
-
-
-@pytest.mark.parametrize("with_exclusions", [True, False])
-@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
-def test_lamb_matches_the_paper(with_exclusions, max_grad_norm):
-    import train
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64)),
-              torch.nn.Parameter(torch.randn(5, dtype=torch.float64)),
-              torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))]  # zero weight: trust ratio 1
-    excluded = {1} if with_exclusions else set()
-    groups = [{"params": [p for i, p in enumerate(params) if i not in excluded], "weight_decay": 0.01, "trust": True},
-              {"params": [p for i, p in enumerate(params) if i in excluded], "weight_decay": 0.0, "trust": False}]
-    start = [p.detach().clone() for p in params]
-    opt = train.Lamb(groups, lr=0.01, betas=(0.9, 0.999), eps=1e-6, max_grad_norm=max_grad_norm)
-    steps = [[torch.randn_like(p) for p in params] for _ in range(5)]
-    for grads in steps:
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        opt.step()
-    expected = lamb_by_the_paper(start, steps, 0.01, 0.9, 0.999, 1e-6, 0.01, excluded, max_grad_norm)
-    for p, e in zip(params, expected):
-        torch.testing.assert_close(p.detach(), torch.from_numpy(e), rtol=1e-10, atol=1e-12)
-    assert not torch.equal(params[2].detach(), start[2])  # the zero tensor moved (trust ratio fell back to 1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# train.py: resume, switches, DDP, flags
-
-TINY_RUN = ["--preset", "tiny", "--batch-size", "8", "--seq-len", "32", "--warmup", "2", "--log-every", "1",
-            "--eval-every", "1000", "--eval-batches", "2", "--save-every", "1000", "--vocab-size", "300"]
-
-
-@pytest.fixture(scope="module")
-def run_cache(tmp_path_factory):
-    """One token cache (synthetic corpus) shared by the training tests."""
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-def train_losses(out) -> dict:
-    import train
-    return {r["step"]: r["loss"] for r in train.read_log(str(out)) if "loss" in r}
-
-
-def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, run_cache):
-    """Stops at a switch boundary, one step after a switch, and mid-stage; each resume continues exactly."""
-    import train
-    args = TINY_RUN + ["--schedule", "3:3,6:3,12:4", "--steps", "10", "--cache-dir", run_cache]
-    assert train.main(args + ["--out", str(tmp_path / "whole")]) == 0
-    broken = ["--out", str(tmp_path / "broken")]
-    assert train.main(args + broken + ["--stop-after", "3"]) == 0
-    for stop in ("4", "8", "0"):
-        assert train.main(args + broken + ["--resume", "--stop-after", stop]) == 0
-    whole, resumed = train_losses(tmp_path / "whole"), train_losses(tmp_path / "broken")
-    assert sorted(whole) == sorted(resumed) == list(range(1, 11))
-    for step in whole:
-        assert whole[step] == pytest.approx(resumed[step], rel=1e-6, abs=1e-6), step
-    ckpt = train.load_checkpoint(str(tmp_path / "broken" / "checkpoint.pt"))
-    assert ckpt["step"] == 10 and ckpt["config"]["n_layer"] == 12
-    assert os.path.exists(tmp_path / "broken" / "stage1_end.pt") and os.path.exists(tmp_path / "whole" / "val_loss.svg")
-
-
-def test_switch_resets_optimizer_keeps_lr_and_leaves_frozen_out(tmp_path, run_cache):
-    import stack
-    import train
-    cfg, _ = train.parse_args(TINY_RUN + ["--method", "mslt", "--steps", "10", "--cache-dir", run_cache, "--out", str(tmp_path)])
-    cfg = train.finish_config(cfg, world=1)
-    t = train.Trainer(cfg, train.Dist())
-    t.start()
-    switch = t.schedule.switch_steps[0]
-    lrs = []
-    for _ in range(switch):
-        lrs.append(t.train_step()["lr"])
-        t.step += 1
-    assert all(len(s) > 0 for s in t.optimizer.state.values())
-    t.grow(1)
-    assert len(t.optimizer.state) == 0  # fresh moments, step 0
-    in_opt = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
-    trainable = {id(p) for p in t.model.parameters() if p.requires_grad}
-    frozen = {id(p) for p in t.model.parameters() if not p.requires_grad}
-    assert in_opt == trainable and frozen and not (frozen & in_opt)
-    assert id(t.model.tok_emb.weight) in frozen
-    lrs.append(t.train_step()["lr"])
-    expected = [train.get_lr(s, cfg, 0) for s in range(switch + 1)]
-    assert lrs == pytest.approx(expected)  # the same continuous schedule through the switch
-    assert all(s["step"].item() == 1 for s in t.optimizer.state.values())
-    assert isinstance(t.schedule, stack.Schedule)
-
-
-def test_bad_flags_fail_at_once_naming_them(tmp_path):
-    import time
-    import train
-    for argv, flag in ([["--batch-size", "30", "--micro-batch", "4"], "--batch-size"],
-                       [["--schedule", "3:50,6:50", "--steps", "100"], "--schedule"],
-                       [["--method", "mslt", "--k", "5"], "--k"],
-                       [["--warmup", "700"], "--warmup"]):
-        start = time.perf_counter()
-        with pytest.raises(SystemExit) as e:
-            train.main(argv + ["--out", str(tmp_path)])
-        assert flag in str(e.value) and time.perf_counter() - start < 1.0, (argv, str(e.value))
-
-
-def test_torchrun_two_processes_equal_one_process(tmp_path, run_cache):
-    """2 gloo ranks x 4 examples give the losses of 1 process x 2 micro-batches of 4 (MSLT: frozen layers too)."""
-    import subprocess
-    import sys
-    args = TINY_RUN + ["--method", "mslt", "--steps", "6", "--k", "2", "--dropout", "0", "--cache-dir", run_cache]
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                    "train.py", *args, "--out", str(tmp_path / "ddp")], cwd=here, env=env, check=True, capture_output=True)
-    subprocess.run([sys.executable, "train.py", *args, "--micro-batch", "4", "--out", str(tmp_path / "one")],
-                   cwd=here, env=env, check=True, capture_output=True)
-    ddp, one = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "one")
-    assert sorted(ddp) == sorted(one) == list(range(1, 7))
-    for step in one:
-        assert ddp[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5), step
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -769,288 +622,6 @@ def test_prepare_config_errors(tmp_path, data_corpus_file, change, match):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# glue.py
-
-GLUE_DIR = glue.DEFAULT_GLUE_DIR
-
-# task: (train, dev, test) rows and train / dev label counts, from shared/data/README.md section 1
-OFFICIAL = {
-    "CoLA": ((8551, 1043, 1063), {"1": 6023, "0": 2528}, {"1": 721, "0": 322}),
-    "SST-2": ((67349, 872, 1821), {"1": 37569, "0": 29780}, {"1": 444, "0": 428}),
-    "MRPC": ((3668, 408, 1725), {"1": 2474, "0": 1194}, {"1": 279, "0": 129}),
-    "STS-B": ((5749, 1500, 1379), None, None),
-    "RTE": ((2490, 277, 3000), {"entailment": 1249, "not_entailment": 1241}, {"entailment": 146, "not_entailment": 131}),
-    "WNLI": ((635, 71, 146), {"1": 312, "0": 323}, {"1": 31, "0": 40}),
-}
-
-
-def label_counts(task, examples):
-    names, counts = task.labels, {}
-    for e in examples:
-        counts[names[e.label]] = counts.get(names[e.label], 0) + 1
-    return counts
-
-
-@pytest.mark.parametrize("name", list(OFFICIAL))
-def test_glue_files_have_official_sizes_and_labels(name):
-    if not os.path.isdir(os.path.join(GLUE_DIR, name)):
-        pytest.skip(f"{name} not in {GLUE_DIR}")
-    task, (sizes, train_counts, dev_counts) = glue.TASKS[name], OFFICIAL[name]
-    data = glue.load_task(task, GLUE_DIR)
-    assert (len(data.train), len(data.dev["dev"]), len(data.test[name])) == sizes
-    assert data.skipped == 0
-    assert all(e.text_a and (e.text_b is None) == (task.labelled.text_b is None) for e in data.train)
-    assert all(e.label is None and e.index is not None for e in data.test[name])
-    if task.labels is None:  # STS-B: README gives mean scores 2.70 (train), 2.36 (dev)
-        assert np.mean([e.label for e in data.train]) == pytest.approx(2.70, abs=0.005)
-        assert np.mean([e.label for e in data.dev["dev"]]) == pytest.approx(2.36, abs=0.005)
-    else:
-        assert label_counts(task, data.train) == train_counts
-        assert label_counts(task, data.dev["dev"]) == dev_counts
-
-
-def write(path, lines):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-RTE_HEADER = "index\tsentence1\tsentence2\tlabel"
-
-
-@pytest.mark.parametrize("bad_row, reason", [
-    ("1\tA \" quote.\tB.\tmaybe", "unknown label 'maybe'"),
-    ("1\tonly two\tfields", "expected 4 tab-separated fields, found 3"),
-])
-def test_bad_row_names_file_and_line_or_is_skipped(tmp_path, bad_row, reason):
-    path = str(tmp_path / "train.tsv")
-    write(path, [RTE_HEADER, "0\tA.\tB.\tentailment", bad_row, "2\tC \"x.\tD.\tnot_entailment"])
-    with pytest.raises(glue.GlueError, match=f"train.tsv:3: {reason}"):
-        glue.read_tsv(glue.TASKS["RTE"], path, glue.TASKS["RTE"].labelled)
-    examples, skipped = glue.read_tsv(glue.TASKS["RTE"], path, glue.TASKS["RTE"].labelled, skip_bad_rows=True)
-    assert skipped == 1 and [e.label for e in examples] == [0, 1]
-    assert examples[1].text_a == 'C "x.'  # quoting is off: quotes stay in the text
-
-
-def test_bad_score_is_an_error(tmp_path):
-    path = str(tmp_path / "dev.tsv")
-    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
-    write(path, [header, "0\tg\tf\t2012\t1\tn\tn\tA.\tB.\t4.5", "1\tg\tf\t2012\t2\tn\tn\tA.\tB.\tfive"])
-    with pytest.raises(glue.GlueError, match="dev.tsv:3: could not convert"):
-        glue.read_tsv(glue.TASKS["STS-B"], path, glue.TASKS["STS-B"].labelled)
-
-
-def test_mnli_qqp_qnli_layouts(tmp_path):
-    """Synthetic files in the official layouts of the three tasks not in shared/data (and AX)."""
-    g = tmp_path / "glue"
-    parse = ["p1", "p2", "p3", "p4"]  # binary parses and parses: ignored
-    mnli_train = "\t".join(["index", "promptID", "pairID", "genre"] + ["s1bp", "s2bp", "s1p", "s2p"] +
-                           ["sentence1", "sentence2", "label1", "gold_label"])
-    mnli_dev = "\t".join(mnli_train.split("\t")[:11] + ["label2", "label3", "label4", "label5", "gold_label"])
-    mnli_test = "\t".join(mnli_train.split("\t")[:10])
-    write(f"{g}/MNLI/train.tsv", [mnli_train, "\t".join(["0", "1", "2", "fiction"] + parse + ["P \"a\".", "H.", "neutral", "neutral"])])
-    for split in ("dev_matched", "dev_mismatched"):
-        write(f"{g}/MNLI/{split}.tsv", [mnli_dev, "\t".join(["0", "1", "2", "slate"] + parse + ["P.", "H.", "neutral"] + ["x"] * 4 + ["contradiction"])])
-    for split, idx in (("test_matched", "7"), ("test_mismatched", "8")):
-        write(f"{g}/MNLI/{split}.tsv", [mnli_test, "\t".join([idx, "1", "2", "slate"] + parse + ["TP.", "TH."])])
-    write(f"{g}/diagnostic/diagnostic.tsv", ["index\tsentence1\tsentence2", "0\tAX a.\tAX b."])
-    write(f"{g}/QQP/train.tsv", ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", "5\t1\t2\tWhy?\tHow?\t1"])
-    write(f"{g}/QQP/dev.tsv", ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", "6\t3\t4\tWho?\tWhom?\t0"])
-    write(f"{g}/QQP/test.tsv", ["id\tquestion1\tquestion2", "9\tTQ1?\tTQ2?"])
-    write(f"{g}/QNLI/train.tsv", ["index\tquestion\tsentence\tlabel", "0\tQ?\tS.\tnot_entailment"])
-    write(f"{g}/QNLI/dev.tsv", ["index\tquestion\tsentence\tlabel", "0\tQ?\tS.\tentailment"])
-    write(f"{g}/QNLI/test.tsv", ["index\tquestion\tsentence", "3\tTQ?\tTS."])
-    assert glue.available_tasks(str(g)) == ["QQP", "MNLI", "QNLI"]
-
-    mnli = glue.load_task(glue.TASKS["MNLI"], str(g))
-    assert (mnli.train[0].text_a, mnli.train[0].text_b, mnli.train[0].label) == ('P "a".', "H.", 2)
-    assert [mnli.dev[k][0].label for k in ("m", "mm")] == [0, 0]  # gold label = last column
-    assert [(k, v[0].index, v[0].text_a) for k, v in mnli.test.items()] == [
-        ("MNLI-m", "7", "TP."), ("MNLI-mm", "8", "TP."), ("AX", "0", "AX a.")]
-    qqp = glue.load_task(glue.TASKS["QQP"], str(g))
-    assert (qqp.train[0].text_a, qqp.train[0].text_b, qqp.train[0].label, qqp.dev["dev"][0].label) == ("Why?", "How?", 1, 0)
-    assert (qqp.test["QQP"][0].index, qqp.test["QQP"][0].text_a, qqp.test["QQP"][0].text_b) == ("9", "TQ1?", "TQ2?")
-    qnli = glue.load_task(glue.TASKS["QNLI"], str(g))
-    assert (qnli.train[0].label, qnli.dev["dev"][0].label, qnli.test["QNLI"][0].text_b) == (1, 0, "TS.")
-    with pytest.raises(glue.GlueError, match="no GLUE data for RTE"):
-        glue.load_task(glue.TASKS["RTE"], str(g))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Metrics against hand-worked values.
-
-
-def test_matthews():
-    # tp 2, fn 1, tn 2, fp 1: (2*2 - 1*1) / sqrt(3*3*3*3) = 1/3
-    assert glue.matthews([1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 1]) == pytest.approx(1 / 3)
-    assert glue.matthews([1, 0, 1, 0], [1, 0, 1, 0]) == pytest.approx(1.0)
-    assert glue.matthews([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(-1.0)
-    assert glue.matthews([1, 0, 1, 0], [1, 1, 1, 1]) == 0.0  # constant prediction: a zero margin
-    assert glue.matthews([1, 1, 1], [1, 1, 1]) == 0.0
-
-
-def test_f1_and_accuracy():
-    assert glue.f1([1, 0, 1, 1], [1, 1, 0, 1]) == pytest.approx(2 / 3)  # tp 2, fp 1, fn 1: 4 / 6
-    assert glue.f1([0, 0], [0, 0]) == 0.0  # no positives anywhere
-    assert glue.f1([1, 1], [0, 0]) == 0.0
-    assert glue.f1([0, 1], [1, 1]) == pytest.approx(2 / 3)
-    assert glue.accuracy([1, 0, 2, 2], [1, 0, 0, 2]) == 0.75
-
-
-def test_pearson_spearman():
-    # x mean 3, y mean 4: cov 6, var_x 10, var_y 6 -> 6 / sqrt(60) = sqrt(0.6)
-    assert glue.pearson([1, 2, 3, 4, 5], [2, 4, 5, 4, 5]) == pytest.approx(math.sqrt(0.6))
-    assert glue.pearson([1, 2, 3], [7, 7, 7]) == 0.0
-    assert glue.rankdata([10, 20, 20, 30, 20]).tolist() == [1, 3, 3, 5, 3]
-    assert glue.rankdata([3.0, 1.0, 2.0, 1.0]).tolist() == [4, 1.5, 3, 1.5]
-    # ranks x [1, 2.5, 2.5, 4], y [1, 3, 2, 4]: cov 4.5, var 4.5 and 5 -> 4.5 / sqrt(22.5) = sqrt(0.9)
-    assert glue.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(math.sqrt(0.9))
-    assert glue.spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0)  # monotone, not linear
-    assert glue.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-
-
-def test_glue_average_and_confidence_interval():
-    scores = {"MRPC": glue.task_score({"acc": 0.8, "f1": 0.9}), "CoLA": 0.5, "WNLI": 0.1,
-              "MNLI": glue.task_score({"acc-m": 0.7, "acc-mm": 0.8})}
-    assert glue.glue_average(scores) == pytest.approx((0.85 + 0.5 + 0.75) / 3)  # WNLI left out
-    mean, ci = glue.mean_ci([1.0, 2.0, 3.0])  # sd 1, t(2) = 4.303
-    assert (mean, ci) == (2.0, pytest.approx(4.303 / math.sqrt(3)))
-    assert math.isnan(glue.mean_ci([0.5])[1])
-    assert glue.t_quantile_975(11) == pytest.approx(2.201, abs=0.003)
-    assert glue.t_quantile_975(30) == pytest.approx(2.042, abs=0.001)
-
-
-def test_lr_schedule_warms_up_then_decays():
-    f = glue.lr_lambda(100, 0.1)
-    assert [f(0), f(5), f(10), f(55), f(100)] == [0.0, 0.5, 1.0, 0.5, 0.0]
-
-
-def test_encode_truncates_longest_first_and_marks_segments():
-    class Chars:  # one token per character, ids 10..
-        cls_id, sep_id, pad_id = 2, 3, 0
-
-        def encode(self, text):
-            return [10 + ord(c) - ord("a") for c in text]
-
-    examples = [glue.Example("abcdefgh", "xy", 1, None), glue.Example("ab", None, 0, None)]
-    enc = glue.encode(examples, Chars(), max_len=9, regression=False)
-    assert enc.ids[0] == [2, 10, 11, 12, 13, 3, 33, 34, 3]  # A cut from 8 to 4 tokens, B kept
-    assert enc.ids[1] == [2, 10, 11, 3]
-    ids, segments, mask = glue.collate(enc, [1, 0], pad_id=0, device="cpu")
-    assert ids[0].tolist() == [2, 10, 11, 3, 0, 0, 0, 0, 0]
-    assert segments.tolist() == [[0] * 9, [0] * 6 + [1] * 3]
-    assert mask.sum(1).tolist() == [4, 9]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# End to end: a tiny BERT must learn a separable task through the command line, write a submission, resume.
-
-
-def separable_rte(folder, n_train=256, n_dev=64, n_test=40, seed=0):
-    """RTE-layout files where the label is whether sentence 2 says "yes" or "no"."""
-    rng = np.random.default_rng(seed)
-    words = "the cat dog sat ran on a mat log red blue big small fox saw".split()
-
-    def rows(n, labelled):
-        out = []
-        for i in range(n):
-            yes = rng.random() < 0.5
-            s1 = " ".join(rng.choice(words, size=rng.integers(3, 12)))
-            s2 = " ".join(rng.choice(words, size=3)) + (" yes" if yes else " no")
-            out.append(f"{i}\t{s1}\t{s2}" + (f"\t{'entailment' if yes else 'not_entailment'}" if labelled else ""))
-        return out
-
-    write(f"{folder}/RTE/train.tsv", [RTE_HEADER] + rows(n_train, True))
-    write(f"{folder}/RTE/dev.tsv", [RTE_HEADER] + rows(n_dev, True))
-    write(f"{folder}/RTE/test.tsv", ["index\tsentence1\tsentence2"] + rows(n_test, False))
-    return words
-
-
-def tiny_checkpoint(path, texts):
-    data = pytest.importorskip("data")
-    tok = data.Tokenizer.train(texts, vocab_size=300)
-    torch.manual_seed(0)
-    config = bert.BertConfig(vocab_size=tok.vocab_size, max_position=64, n_layer=2, n_head=2, d_model=32, d_ff=64)
-    torch.save({"model": bert.Bert(config).state_dict(), "config": asdict(config), "tokenizer": tok.to_dict()}, path)
-
-
-@pytest.fixture
-def one_thread():
-    """2 shared cores under load: a second intra-op thread makes tiny models ~10x slower, not faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_finetune_learns_writes_submission_and_resumes(tmp_path, capsys, one_thread):
-    words = separable_rte(tmp_path / "glue")
-    ckpt, out = str(tmp_path / "ckpt.pt"), str(tmp_path / "out")
-    tiny_checkpoint(ckpt, [" ".join(words)] * 3 + ["yes no"] * 3)
-    common = ["--checkpoint", ckpt, "--task", "RTE", "--glue-dir", str(tmp_path / "glue"), "--batch-size", "16",
-              "--max-seq-len", "32"]
-    args = common + ["--out", out, "--lrs", "2e-3", "1e-5", "--seeds", "0", "--epochs", "6"]
-    assert glue.main(args) == 0
-    runs = glue.load_runs(out)["RTE"]
-    best_lr, best = glue.select(runs)
-    assert best_lr == 2e-3 and best[0]["dev"]["acc"] >= 0.95, [r["dev"] for r in runs]
-    with open(os.path.join(out, "submission", "RTE.tsv")) as f:
-        lines = f.read().splitlines()
-    assert lines[0] == "index\tprediction" and len(lines) == 41
-    assert [line.split("\t")[0] for line in lines[1:]] == [str(i) for i in range(40)]
-    assert {line.split("\t")[1] for line in lines[1:]} == {"entailment", "not_entailment"}
-    assert "| RTE |" in capsys.readouterr().out.splitlines()[-3]  # the results table's header
-
-    # Resume: nothing is redone (the run files are untouched); other settings in the same folder are refused.
-    def stamps():
-        return {p: os.path.getmtime(os.path.join(out, "runs", p)) for p in os.listdir(os.path.join(out, "runs"))}
-
-    before = stamps()
-    assert glue.main(args) == 0
-    assert "2 runs already finished" in capsys.readouterr().out and stamps() == before
-    assert glue.main(args + ["--random-init"]) == 2
-    assert "use another --out" in capsys.readouterr().err
-
-    # Random init: same config and tokenizer, other weights; the table shows both side by side.
-    pretrained, fresh = glue.load_backbone(ckpt), glue.load_backbone(ckpt, random_init=True)
-    assert fresh.state is None and fresh.config == pretrained.config and "random init" in fresh.label
-    assert not torch.equal(fresh.build(1).tok_emb.weight, pretrained.build(1).tok_emb.weight)
-    assert glue.main(common + ["--out", out + "-random", "--random-init", "--lrs", "2e-3", "--seeds", "0", "1",
-                               "--epochs", "1", "--max-steps", "3", "--no-test"]) == 0
-    capsys.readouterr()
-    assert glue.main(["--table", out, out + "-random"]) == 0
-    table = capsys.readouterr().out.splitlines()
-    assert table[0] == "| model | RTE | Avg (1 tasks) |" and len(table) == 4
-    assert "(random init)" in table[3] and "±" in table[3]
-
-
-def test_checkpoint_errors(tmp_path):
-    path = str(tmp_path / "bad.pt")
-    torch.save({"model": {}}, path)
-    with pytest.raises(glue.GlueError, match="lacks config, tokenizer"):
-        glue.load_backbone(path)
-    with pytest.raises(glue.GlueError, match="not found"):
-        glue.load_backbone(str(tmp_path / "missing.pt"))
-
-
-def test_finetune_is_deterministic_per_seed(tmp_path, one_thread):
-    separable_rte(tmp_path / "glue", n_train=64, n_dev=16, n_test=8)
-    tiny_checkpoint(str(tmp_path / "ckpt.pt"), ["the cat sat on a mat yes no"] * 3)
-    backbone, task = glue.load_backbone(str(tmp_path / "ckpt.pt")), glue.TASKS["RTE"]
-    cfg = glue.FinetuneConfig(batch_size=8, max_seq_len=32, max_steps=4, log_every=100, device="cpu")
-    data = glue.encode_task(task, backbone, str(tmp_path / "glue"), cfg, False, glue.Dist())
-    a, b, c = (glue.finetune(task, backbone, data, 1e-3, seed, cfg, glue.Dist()) for seed in (0, 0, 1))
-    assert a["train_loss"] == b["train_loss"] and a["test"] == b["test"]
-    assert a["train_loss"] != c["train_loss"]
-
-
-def test_submission_strings():
-    assert glue.prediction_strings(glue.TASKS["STS-B"], np.array([-0.3, 2.4567, 7.0])) == ["0.000", "2.457", "5.000"]
-    assert glue.prediction_strings(glue.TASKS["MNLI"], np.array([2.0, 0.0])) == ["neutral", "contradiction"]
-    assert glue.prediction_strings(glue.TASKS["CoLA"], np.array([1.0, 0.0])) == ["1", "0"]
-
-
-# ----------------------------------------------------------------------------------------------------------
 # stack.py
 
 TINY = dict(vocab_size=97, max_position=32, n_head=4, d_model=32, d_ff=64)
@@ -1345,3 +916,462 @@ def test_grow_to_checks_the_model_matches_the_previous_stage():
         stack.grow_to(tiny_model(3), schedule, 2)
     with pytest.raises(ValueError, match="stage 0"):
         stack.grow_to(tiny_model(3), schedule, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.py: LAMB
+
+
+def lamb_by_the_paper(params, grads_per_step, lr, b1, b2, eps, wd, excluded, max_grad_norm=None):
+    """You et al. 2019, Algorithm 2, transcribed directly in float64 numpy, one tensor at a time."""
+    import numpy as np
+    w = [p.detach().double().numpy().copy() for p in params]
+    m = [np.zeros_like(x) for x in w]
+    v = [np.zeros_like(x) for x in w]
+    for t, grads in enumerate(grads_per_step, start=1):
+        g = [x.double().numpy() for x in grads]
+        if max_grad_norm:
+            total = math.sqrt(sum(float((x ** 2).sum()) for x in g))
+            g = [x * min(1.0, max_grad_norm / (total + 1e-12)) for x in g]
+        for i in range(len(w)):
+            m[i] = b1 * m[i] + (1 - b1) * g[i]
+            v[i] = b2 * v[i] + (1 - b2) * g[i] ** 2
+            m_hat, v_hat = m[i] / (1 - b1 ** t), v[i] / (1 - b2 ** t)
+            r = m_hat / (np.sqrt(v_hat) + eps)
+            if i in excluded:
+                w[i] = w[i] - lr * r
+                continue
+            u = r + wd * w[i]
+            w_norm, u_norm = np.linalg.norm(w[i]), np.linalg.norm(u)
+            trust = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+            w[i] = w[i] - lr * trust * u
+    return w
+
+
+@pytest.mark.parametrize("with_exclusions", [True, False])
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+def test_lamb_matches_the_paper(with_exclusions, max_grad_norm):
+    import train
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64)),
+              torch.nn.Parameter(torch.randn(5, dtype=torch.float64)),
+              torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))]  # zero weight: trust ratio 1
+    excluded = {1} if with_exclusions else set()
+    groups = [{"params": [p for i, p in enumerate(params) if i not in excluded], "weight_decay": 0.01, "trust": True},
+              {"params": [p for i, p in enumerate(params) if i in excluded], "weight_decay": 0.0, "trust": False}]
+    start = [p.detach().clone() for p in params]
+    opt = train.Lamb(groups, lr=0.01, betas=(0.9, 0.999), eps=1e-6, max_grad_norm=max_grad_norm)
+    steps = [[torch.randn_like(p) for p in params] for _ in range(5)]
+    for grads in steps:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    expected = lamb_by_the_paper(start, steps, 0.01, 0.9, 0.999, 1e-6, 0.01, excluded, max_grad_norm)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), torch.from_numpy(e), rtol=1e-10, atol=1e-12)
+    assert not torch.equal(params[2].detach(), start[2])  # the zero tensor moved (trust ratio fell back to 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.py: resume, switches, DDP, flags
+
+TINY_RUN = ["--preset", "tiny", "--batch-size", "8", "--seq-len", "32", "--warmup", "2", "--log-every", "1",
+            "--eval-every", "1000", "--eval-batches", "2", "--save-every", "1000", "--vocab-size", "300"]
+
+
+@pytest.fixture(scope="module")
+def run_cache(tmp_path_factory):
+    """One token cache (synthetic corpus) shared by the training tests."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def train_losses(out) -> dict:
+    import train
+    return {r["step"]: r["loss"] for r in train.read_log(str(out)) if "loss" in r}
+
+
+def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, run_cache):
+    """Stops at a switch boundary, one step after a switch, and mid-stage; each resume continues exactly."""
+    import train
+    args = TINY_RUN + ["--schedule", "3:3,6:3,12:4", "--steps", "10", "--cache-dir", run_cache]
+    assert train.main(args + ["--out", str(tmp_path / "whole")]) == 0
+    broken = ["--out", str(tmp_path / "broken")]
+    assert train.main(args + broken + ["--stop-after", "3"]) == 0
+    for stop in ("4", "8", "0"):
+        assert train.main(args + broken + ["--resume", "--stop-after", stop]) == 0
+    whole, resumed = train_losses(tmp_path / "whole"), train_losses(tmp_path / "broken")
+    assert sorted(whole) == sorted(resumed) == list(range(1, 11))
+    for step in whole:
+        assert whole[step] == pytest.approx(resumed[step], rel=1e-6, abs=1e-6), step
+    ckpt = train.load_checkpoint(str(tmp_path / "broken" / "checkpoint.pt"))
+    assert ckpt["step"] == 10 and ckpt["config"]["n_layer"] == 12
+    assert os.path.exists(tmp_path / "broken" / "stage1_end.pt") and os.path.exists(tmp_path / "whole" / "val_loss.svg")
+
+
+def test_switch_resets_optimizer_keeps_lr_and_leaves_frozen_out(tmp_path, run_cache):
+    import stack
+    import train
+    cfg, _ = train.parse_args(TINY_RUN + ["--method", "mslt", "--steps", "10", "--cache-dir", run_cache, "--out", str(tmp_path)])
+    cfg = train.finish_config(cfg, world=1)
+    t = train.Trainer(cfg, train.Dist())
+    t.start()
+    switch = t.schedule.switch_steps[0]
+    lrs = []
+    for _ in range(switch):
+        lrs.append(t.train_step()["lr"])
+        t.step += 1
+    assert all(len(s) > 0 for s in t.optimizer.state.values())
+    t.grow(1)
+    assert len(t.optimizer.state) == 0  # fresh moments, step 0
+    in_opt = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    trainable = {id(p) for p in t.model.parameters() if p.requires_grad}
+    frozen = {id(p) for p in t.model.parameters() if not p.requires_grad}
+    assert in_opt == trainable and frozen and not (frozen & in_opt)
+    assert id(t.model.tok_emb.weight) in frozen
+    lrs.append(t.train_step()["lr"])
+    expected = [train.get_lr(s, cfg, 0) for s in range(switch + 1)]
+    assert lrs == pytest.approx(expected)  # the same continuous schedule through the switch
+    assert all(s["step"].item() == 1 for s in t.optimizer.state.values())
+    assert isinstance(t.schedule, stack.Schedule)
+
+
+def test_bad_flags_fail_at_once_naming_them(tmp_path):
+    import time
+    import train
+    for argv, flag in ([["--batch-size", "30", "--micro-batch", "4"], "--batch-size"],
+                       [["--schedule", "3:50,6:50", "--steps", "100"], "--schedule"],
+                       [["--method", "mslt", "--k", "5"], "--k"],
+                       [["--warmup", "700"], "--warmup"]):
+        start = time.perf_counter()
+        with pytest.raises(SystemExit) as e:
+            train.main(argv + ["--out", str(tmp_path)])
+        assert flag in str(e.value) and time.perf_counter() - start < 1.0, (argv, str(e.value))
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path, run_cache):
+    """2 gloo ranks x 4 examples give the losses of 1 process x 2 micro-batches of 4 (MSLT: frozen layers too)."""
+    import subprocess
+    import sys
+    args = TINY_RUN + ["--method", "mslt", "--steps", "6", "--k", "2", "--dropout", "0", "--cache-dir", run_cache]
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                    "train.py", *args, "--out", str(tmp_path / "ddp")], cwd=here, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "train.py", *args, "--micro-batch", "4", "--out", str(tmp_path / "one")],
+                   cwd=here, env=env, check=True, capture_output=True)
+    ddp, one = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "one")
+    assert sorted(ddp) == sorted(one) == list(range(1, 7))
+    for step in one:
+        assert ddp[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5), step
+
+
+def test_sigterm_saves_and_the_run_resumes(tmp_path, run_cache):
+    """A real SIGTERM mid-run: the step finishes, a checkpoint is written, and --resume completes the run
+    with the losses of an uninterrupted one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import train
+    args = TINY_RUN + ["--schedule", "3:4,6:4,12:4", "--steps", "12", "--cache-dir", run_cache]
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cut = str(tmp_path / "cut")
+    proc = subprocess.Popen([sys.executable, "train.py", *args, "--out", cut], cwd=here, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = os.path.join(cut, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    stopped = train.load_checkpoint(os.path.join(cut, "checkpoint.pt"))["step"]
+    assert 0 < stopped < 12, output
+    assert train.main(args + ["--out", cut, "--resume"]) == 0
+    assert train.main(args + ["--out", str(tmp_path / "whole")]) == 0
+    whole, resumed = train_losses(tmp_path / "whole"), train_losses(cut)
+    assert sorted(resumed) == list(range(1, 13))
+    assert all(whole[s] == pytest.approx(resumed[s], rel=1e-6, abs=1e-6) for s in whole)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# glue.py
+
+GLUE_DIR = glue.DEFAULT_GLUE_DIR
+
+# task: (train, dev, test) rows and train / dev label counts, from shared/data/README.md section 1
+OFFICIAL = {
+    "CoLA": ((8551, 1043, 1063), {"1": 6023, "0": 2528}, {"1": 721, "0": 322}),
+    "SST-2": ((67349, 872, 1821), {"1": 37569, "0": 29780}, {"1": 444, "0": 428}),
+    "MRPC": ((3668, 408, 1725), {"1": 2474, "0": 1194}, {"1": 279, "0": 129}),
+    "STS-B": ((5749, 1500, 1379), None, None),
+    "RTE": ((2490, 277, 3000), {"entailment": 1249, "not_entailment": 1241}, {"entailment": 146, "not_entailment": 131}),
+    "WNLI": ((635, 71, 146), {"1": 312, "0": 323}, {"1": 31, "0": 40}),
+}
+
+
+def label_counts(task, examples):
+    names, counts = task.labels, {}
+    for e in examples:
+        counts[names[e.label]] = counts.get(names[e.label], 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL))
+def test_glue_files_have_official_sizes_and_labels(name):
+    if not os.path.isdir(os.path.join(GLUE_DIR, name)):
+        pytest.skip(f"{name} not in {GLUE_DIR}")
+    task, (sizes, train_counts, dev_counts) = glue.TASKS[name], OFFICIAL[name]
+    data = glue.load_task(task, GLUE_DIR)
+    assert (len(data.train), len(data.dev["dev"]), len(data.test[name])) == sizes
+    assert data.skipped == 0
+    assert all(e.text_a and (e.text_b is None) == (task.labelled.text_b is None) for e in data.train)
+    assert all(e.label is None and e.index is not None for e in data.test[name])
+    if task.labels is None:  # STS-B: README gives mean scores 2.70 (train), 2.36 (dev)
+        assert np.mean([e.label for e in data.train]) == pytest.approx(2.70, abs=0.005)
+        assert np.mean([e.label for e in data.dev["dev"]]) == pytest.approx(2.36, abs=0.005)
+    else:
+        assert label_counts(task, data.train) == train_counts
+        assert label_counts(task, data.dev["dev"]) == dev_counts
+
+
+def write(path, lines):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+RTE_HEADER = "index\tsentence1\tsentence2\tlabel"
+
+
+@pytest.mark.parametrize("bad_row, reason", [
+    ("1\tA \" quote.\tB.\tmaybe", "unknown label 'maybe'"),
+    ("1\tonly two\tfields", "expected 4 tab-separated fields, found 3"),
+])
+def test_bad_row_names_file_and_line_or_is_skipped(tmp_path, bad_row, reason):
+    path = str(tmp_path / "train.tsv")
+    write(path, [RTE_HEADER, "0\tA.\tB.\tentailment", bad_row, "2\tC \"x.\tD.\tnot_entailment"])
+    with pytest.raises(glue.GlueError, match=f"train.tsv:3: {reason}"):
+        glue.read_tsv(glue.TASKS["RTE"], path, glue.TASKS["RTE"].labelled)
+    examples, skipped = glue.read_tsv(glue.TASKS["RTE"], path, glue.TASKS["RTE"].labelled, skip_bad_rows=True)
+    assert skipped == 1 and [e.label for e in examples] == [0, 1]
+    assert examples[1].text_a == 'C "x.'  # quoting is off: quotes stay in the text
+
+
+def test_bad_score_is_an_error(tmp_path):
+    path = str(tmp_path / "dev.tsv")
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    write(path, [header, "0\tg\tf\t2012\t1\tn\tn\tA.\tB.\t4.5", "1\tg\tf\t2012\t2\tn\tn\tA.\tB.\tfive"])
+    with pytest.raises(glue.GlueError, match="dev.tsv:3: could not convert"):
+        glue.read_tsv(glue.TASKS["STS-B"], path, glue.TASKS["STS-B"].labelled)
+
+
+def test_mnli_qqp_qnli_layouts(tmp_path):
+    """Synthetic files in the official layouts of the three tasks not in shared/data (and AX)."""
+    g = tmp_path / "glue"
+    parse = ["p1", "p2", "p3", "p4"]  # binary parses and parses: ignored
+    mnli_train = "\t".join(["index", "promptID", "pairID", "genre"] + ["s1bp", "s2bp", "s1p", "s2p"] +
+                           ["sentence1", "sentence2", "label1", "gold_label"])
+    mnli_dev = "\t".join(mnli_train.split("\t")[:11] + ["label2", "label3", "label4", "label5", "gold_label"])
+    mnli_test = "\t".join(mnli_train.split("\t")[:10])
+    write(f"{g}/MNLI/train.tsv", [mnli_train, "\t".join(["0", "1", "2", "fiction"] + parse + ["P \"a\".", "H.", "neutral", "neutral"])])
+    for split in ("dev_matched", "dev_mismatched"):
+        write(f"{g}/MNLI/{split}.tsv", [mnli_dev, "\t".join(["0", "1", "2", "slate"] + parse + ["P.", "H.", "neutral"] + ["x"] * 4 + ["contradiction"])])
+    for split, idx in (("test_matched", "7"), ("test_mismatched", "8")):
+        write(f"{g}/MNLI/{split}.tsv", [mnli_test, "\t".join([idx, "1", "2", "slate"] + parse + ["TP.", "TH."])])
+    write(f"{g}/diagnostic/diagnostic.tsv", ["index\tsentence1\tsentence2", "0\tAX a.\tAX b."])
+    write(f"{g}/QQP/train.tsv", ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", "5\t1\t2\tWhy?\tHow?\t1"])
+    write(f"{g}/QQP/dev.tsv", ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", "6\t3\t4\tWho?\tWhom?\t0"])
+    write(f"{g}/QQP/test.tsv", ["id\tquestion1\tquestion2", "9\tTQ1?\tTQ2?"])
+    write(f"{g}/QNLI/train.tsv", ["index\tquestion\tsentence\tlabel", "0\tQ?\tS.\tnot_entailment"])
+    write(f"{g}/QNLI/dev.tsv", ["index\tquestion\tsentence\tlabel", "0\tQ?\tS.\tentailment"])
+    write(f"{g}/QNLI/test.tsv", ["index\tquestion\tsentence", "3\tTQ?\tTS."])
+    assert glue.available_tasks(str(g)) == ["QQP", "MNLI", "QNLI"]
+
+    mnli = glue.load_task(glue.TASKS["MNLI"], str(g))
+    assert (mnli.train[0].text_a, mnli.train[0].text_b, mnli.train[0].label) == ('P "a".', "H.", 2)
+    assert [mnli.dev[k][0].label for k in ("m", "mm")] == [0, 0]  # gold label = last column
+    assert [(k, v[0].index, v[0].text_a) for k, v in mnli.test.items()] == [
+        ("MNLI-m", "7", "TP."), ("MNLI-mm", "8", "TP."), ("AX", "0", "AX a.")]
+    qqp = glue.load_task(glue.TASKS["QQP"], str(g))
+    assert (qqp.train[0].text_a, qqp.train[0].text_b, qqp.train[0].label, qqp.dev["dev"][0].label) == ("Why?", "How?", 1, 0)
+    assert (qqp.test["QQP"][0].index, qqp.test["QQP"][0].text_a, qqp.test["QQP"][0].text_b) == ("9", "TQ1?", "TQ2?")
+    qnli = glue.load_task(glue.TASKS["QNLI"], str(g))
+    assert (qnli.train[0].label, qnli.dev["dev"][0].label, qnli.test["QNLI"][0].text_b) == (1, 0, "TS.")
+    with pytest.raises(glue.GlueError, match="no GLUE data for RTE"):
+        glue.load_task(glue.TASKS["RTE"], str(g))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics against hand-worked values.
+
+
+def test_matthews():
+    # tp 2, fn 1, tn 2, fp 1: (2*2 - 1*1) / sqrt(3*3*3*3) = 1/3
+    assert glue.matthews([1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 1]) == pytest.approx(1 / 3)
+    assert glue.matthews([1, 0, 1, 0], [1, 0, 1, 0]) == pytest.approx(1.0)
+    assert glue.matthews([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(-1.0)
+    assert glue.matthews([1, 0, 1, 0], [1, 1, 1, 1]) == 0.0  # constant prediction: a zero margin
+    assert glue.matthews([1, 1, 1], [1, 1, 1]) == 0.0
+
+
+def test_f1_and_accuracy():
+    assert glue.f1([1, 0, 1, 1], [1, 1, 0, 1]) == pytest.approx(2 / 3)  # tp 2, fp 1, fn 1: 4 / 6
+    assert glue.f1([0, 0], [0, 0]) == 0.0  # no positives anywhere
+    assert glue.f1([1, 1], [0, 0]) == 0.0
+    assert glue.f1([0, 1], [1, 1]) == pytest.approx(2 / 3)
+    assert glue.accuracy([1, 0, 2, 2], [1, 0, 0, 2]) == 0.75
+
+
+def test_pearson_spearman():
+    # x mean 3, y mean 4: cov 6, var_x 10, var_y 6 -> 6 / sqrt(60) = sqrt(0.6)
+    assert glue.pearson([1, 2, 3, 4, 5], [2, 4, 5, 4, 5]) == pytest.approx(math.sqrt(0.6))
+    assert glue.pearson([1, 2, 3], [7, 7, 7]) == 0.0
+    assert glue.rankdata([10, 20, 20, 30, 20]).tolist() == [1, 3, 3, 5, 3]
+    assert glue.rankdata([3.0, 1.0, 2.0, 1.0]).tolist() == [4, 1.5, 3, 1.5]
+    # ranks x [1, 2.5, 2.5, 4], y [1, 3, 2, 4]: cov 4.5, var 4.5 and 5 -> 4.5 / sqrt(22.5) = sqrt(0.9)
+    assert glue.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(math.sqrt(0.9))
+    assert glue.spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0)  # monotone, not linear
+    assert glue.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_glue_average_and_confidence_interval():
+    scores = {"MRPC": glue.task_score({"acc": 0.8, "f1": 0.9}), "CoLA": 0.5, "WNLI": 0.1,
+              "MNLI": glue.task_score({"acc-m": 0.7, "acc-mm": 0.8})}
+    assert glue.glue_average(scores) == pytest.approx((0.85 + 0.5 + 0.75) / 3)  # WNLI left out
+    mean, ci = glue.mean_ci([1.0, 2.0, 3.0])  # sd 1, t(2) = 4.303
+    assert (mean, ci) == (2.0, pytest.approx(4.303 / math.sqrt(3)))
+    assert math.isnan(glue.mean_ci([0.5])[1])
+    assert glue.t_quantile_975(11) == pytest.approx(2.201, abs=0.003)
+    assert glue.t_quantile_975(30) == pytest.approx(2.042, abs=0.001)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = glue.lr_lambda(100, 0.1)
+    assert [f(0), f(5), f(10), f(55), f(100)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+
+
+def test_encode_truncates_longest_first_and_marks_segments():
+    class Chars:  # one token per character, ids 10..
+        cls_id, sep_id, pad_id = 2, 3, 0
+
+        def encode(self, text):
+            return [10 + ord(c) - ord("a") for c in text]
+
+    examples = [glue.Example("abcdefgh", "xy", 1, None), glue.Example("ab", None, 0, None)]
+    enc = glue.encode(examples, Chars(), max_len=9, regression=False)
+    assert enc.ids[0] == [2, 10, 11, 12, 13, 3, 33, 34, 3]  # A cut from 8 to 4 tokens, B kept
+    assert enc.ids[1] == [2, 10, 11, 3]
+    ids, segments, mask = glue.collate(enc, [1, 0], pad_id=0, device="cpu")
+    assert ids[0].tolist() == [2, 10, 11, 3, 0, 0, 0, 0, 0]
+    assert segments.tolist() == [[0] * 9, [0] * 6 + [1] * 3]
+    assert mask.sum(1).tolist() == [4, 9]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end: a tiny BERT must learn a separable task through the command line, write a submission, resume.
+
+
+def separable_rte(folder, n_train=256, n_dev=64, n_test=40, seed=0):
+    """RTE-layout files where the label is whether sentence 2 says "yes" or "no"."""
+    rng = np.random.default_rng(seed)
+    words = "the cat dog sat ran on a mat log red blue big small fox saw".split()
+
+    def rows(n, labelled):
+        out = []
+        for i in range(n):
+            yes = rng.random() < 0.5
+            s1 = " ".join(rng.choice(words, size=rng.integers(3, 12)))
+            s2 = " ".join(rng.choice(words, size=3)) + (" yes" if yes else " no")
+            out.append(f"{i}\t{s1}\t{s2}" + (f"\t{'entailment' if yes else 'not_entailment'}" if labelled else ""))
+        return out
+
+    write(f"{folder}/RTE/train.tsv", [RTE_HEADER] + rows(n_train, True))
+    write(f"{folder}/RTE/dev.tsv", [RTE_HEADER] + rows(n_dev, True))
+    write(f"{folder}/RTE/test.tsv", ["index\tsentence1\tsentence2"] + rows(n_test, False))
+    return words
+
+
+def tiny_checkpoint(path, texts):
+    data = pytest.importorskip("data")
+    tok = data.Tokenizer.train(texts, vocab_size=300)
+    torch.manual_seed(0)
+    config = bert.BertConfig(vocab_size=tok.vocab_size, max_position=64, n_layer=2, n_head=2, d_model=32, d_ff=64)
+    torch.save({"model": bert.Bert(config).state_dict(), "config": asdict(config), "tokenizer": tok.to_dict()}, path)
+
+
+@pytest.fixture
+def one_thread():
+    """2 shared cores under load: a second intra-op thread makes tiny models ~10x slower, not faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_finetune_learns_writes_submission_and_resumes(tmp_path, capsys, one_thread):
+    words = separable_rte(tmp_path / "glue")
+    ckpt, out = str(tmp_path / "ckpt.pt"), str(tmp_path / "out")
+    tiny_checkpoint(ckpt, [" ".join(words)] * 3 + ["yes no"] * 3)
+    common = ["--checkpoint", ckpt, "--task", "RTE", "--glue-dir", str(tmp_path / "glue"), "--batch-size", "16",
+              "--max-seq-len", "32"]
+    args = common + ["--out", out, "--lrs", "2e-3", "1e-5", "--seeds", "0", "--epochs", "6"]
+    assert glue.main(args) == 0
+    runs = glue.load_runs(out)["RTE"]
+    best_lr, best = glue.select(runs)
+    assert best_lr == 2e-3 and best[0]["dev"]["acc"] >= 0.95, [r["dev"] for r in runs]
+    with open(os.path.join(out, "submission", "RTE.tsv")) as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 41
+    assert [line.split("\t")[0] for line in lines[1:]] == [str(i) for i in range(40)]
+    assert {line.split("\t")[1] for line in lines[1:]} == {"entailment", "not_entailment"}
+    assert "| RTE |" in capsys.readouterr().out.splitlines()[-3]  # the results table's header
+
+    # Resume: nothing is redone (the run files are untouched); other settings in the same folder are refused.
+    def stamps():
+        return {p: os.path.getmtime(os.path.join(out, "runs", p)) for p in os.listdir(os.path.join(out, "runs"))}
+
+    before = stamps()
+    assert glue.main(args) == 0
+    assert "2 runs already finished" in capsys.readouterr().out and stamps() == before
+    assert glue.main(args + ["--random-init"]) == 2
+    assert "use another --out" in capsys.readouterr().err
+
+    # Random init: same config and tokenizer, other weights; the table shows both side by side.
+    pretrained, fresh = glue.load_backbone(ckpt), glue.load_backbone(ckpt, random_init=True)
+    assert fresh.state is None and fresh.config == pretrained.config and "random init" in fresh.label
+    assert not torch.equal(fresh.build(1).tok_emb.weight, pretrained.build(1).tok_emb.weight)
+    assert glue.main(common + ["--out", out + "-random", "--random-init", "--lrs", "2e-3", "--seeds", "0", "1",
+                               "--epochs", "1", "--max-steps", "3", "--no-test"]) == 0
+    capsys.readouterr()
+    assert glue.main(["--table", out, out + "-random"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| model | RTE | Avg (1 tasks) |" and len(table) == 4
+    assert "(random init)" in table[3] and "±" in table[3]
+
+
+def test_checkpoint_errors(tmp_path):
+    path = str(tmp_path / "bad.pt")
+    torch.save({"model": {}}, path)
+    with pytest.raises(glue.GlueError, match="lacks config, tokenizer"):
+        glue.load_backbone(path)
+    with pytest.raises(glue.GlueError, match="not found"):
+        glue.load_backbone(str(tmp_path / "missing.pt"))
+
+
+def test_finetune_is_deterministic_per_seed(tmp_path, one_thread):
+    separable_rte(tmp_path / "glue", n_train=64, n_dev=16, n_test=8)
+    tiny_checkpoint(str(tmp_path / "ckpt.pt"), ["the cat sat on a mat yes no"] * 3)
+    backbone, task = glue.load_backbone(str(tmp_path / "ckpt.pt")), glue.TASKS["RTE"]
+    cfg = glue.FinetuneConfig(batch_size=8, max_seq_len=32, max_steps=4, log_every=100, device="cpu")
+    data = glue.encode_task(task, backbone, str(tmp_path / "glue"), cfg, False, glue.Dist())
+    a, b, c = (glue.finetune(task, backbone, data, 1e-3, seed, cfg, glue.Dist()) for seed in (0, 0, 1))
+    assert a["train_loss"] == b["train_loss"] and a["test"] == b["test"]
+    assert a["train_loss"] != c["train_loss"]
+
+
+def test_submission_strings():
+    assert glue.prediction_strings(glue.TASKS["STS-B"], np.array([-0.3, 2.4567, 7.0])) == ["0.000", "2.457", "5.000"]
+    assert glue.prediction_strings(glue.TASKS["MNLI"], np.array([2.0, 0.0])) == ["neutral", "contradiction"]
+    assert glue.prediction_strings(glue.TASKS["CoLA"], np.array([1.0, 0.0])) == ["1", "0"]

@@ -311,6 +311,15 @@ def read_log(run_dir: str) -> list:
 COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
 
 
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list:
+    """About n round tick values inside [lo, hi]: nice_ticks(0, 20.1) -> [0, 5, 10, 15, 20]."""
+    raw = (hi - lo) / n or 1.0
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step) * step
+    return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
 def svg_plot(series: dict, path: str, xlabel: str, ylabel: str, title: str, hline: Optional[tuple] = None):
     """Write a line plot as SVG with no plotting library. series: {label: [(x, y), ...]};
     hline: optional (y, label) reference line, e.g. the corpus's unigram entropy."""
@@ -326,10 +335,10 @@ def svg_plot(series: dict, path: str, xlabel: str, ylabel: str, title: str, hlin
            f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{(W - R + L) / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>',
            f'<rect x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}" fill="none" stroke="#444"/>']
-    for i in range(6):
-        xv, yv = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
-        out.append(f'<text x="{sx(xv):.1f}" y="{H - B + 18}" text-anchor="middle">{xv:.3g}</text>')
-        out.append(f'<text x="{L - 6}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
+    for xv in nice_ticks(x0, x1):
+        out.append(f'<text x="{sx(xv):.1f}" y="{H - B + 18}" text-anchor="middle">{xv:g}</text>')
+    for yv in nice_ticks(y0, y1):
+        out.append(f'<text x="{L - 6}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:g}</text>')
         out.append(f'<line x1="{L}" x2="{W - R}" y1="{sy(yv):.1f}" y2="{sy(yv):.1f}" stroke="#eee"/>')
     out.append(f'<text x="{(W - R + L) / 2}" y="{H - 12}" text-anchor="middle">{xlabel}</text>')
     out.append(f'<text transform="translate(16,{(H - B + T) / 2}) rotate(-90)" text-anchor="middle">{ylabel}</text>')
@@ -382,7 +391,7 @@ class Trainer:
         self.valid_batches = data.Batches(self.prepared.valid, tok, cfg.seq_len, seed=cfg.data_seed + 1)
         self.micro = cfg.micro_batch or cfg.batch_size // d.world
         self.n_micro = cfg.batch_size // (d.world * self.micro)
-        self.stop_requested = False
+        self.stop_signal = 0  # set by the SIGTERM/SIGINT handler
         self.last_val_step = -1
 
     # -- model and optimizer -------------------------------------------------------------------------------
@@ -522,7 +531,7 @@ class Trainer:
 
     def should_stop(self) -> bool:
         """SIGTERM/SIGINT on any rank stops every rank at the same step."""
-        flag = [float(self.stop_requested)]
+        flag = [float(self.stop_signal > 0)]
         return all_reduce_mean(flag, self.d)[0] > 0 or (self.cfg.stop_after and self.step == self.cfg.stop_after)
 
     def run(self) -> int:
@@ -568,7 +577,7 @@ class Trainer:
                 window_t = time.perf_counter()
             if stop and self.step < cfg.steps:
                 self.print(f"stopped at step {self.step}; resume with: python train.py --resume --out {self.out} ...")
-                return 0 if cfg.stop_after else 130
+                return 128 + self.stop_signal if self.stop_signal else 0  # the shell's code for "killed by signal"
         if self.d.master:
             plot_runs([self.out], os.path.join(self.out, "val_loss.svg"))
         self.print(f"done: {cfg.steps} steps in {fmt_time(self.wall)} of training; checkpoint {os.path.join(self.out, 'checkpoint.pt')}")
@@ -724,7 +733,7 @@ def main(argv=None) -> int:
     trainer.start()
 
     def request_stop(signum, frame):
-        trainer.stop_requested = True
+        trainer.stop_signal = signum
         trainer.print(f"received signal {signum}: saving a checkpoint at the end of this step")
 
     old = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
