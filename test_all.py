@@ -993,7 +993,7 @@ def train_losses(out) -> dict:
 def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, run_cache):
     """Stops at a switch boundary, one step after a switch, and mid-stage; each resume continues exactly."""
     import train
-    args = TINY_RUN + ["--schedule", "3:3,6:3,12:4", "--steps", "10", "--cache-dir", run_cache]
+    args = TINY_RUN + ["--schedule", "3:3,6:3:identity-noise,12:4:stack", "--steps", "10", "--cache-dir", run_cache]
     assert train.main(args + ["--out", str(tmp_path / "whole")]) == 0
     broken = ["--out", str(tmp_path / "broken")]
     assert train.main(args + broken + ["--stop-after", "3"]) == 0

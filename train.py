@@ -443,7 +443,8 @@ class Trainer:
         """The switch: save the trained shallow model, grow it, reset the optimizer."""
         old = self.model
         self.save(os.path.join(self.out, f"stage{self.stage}_end.pt"))
-        generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + stage)
+        torch.manual_seed(self.cfg.seed * 1000 + stage)  # fresh layers (identity) depend on (seed, stage) only,
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + stage)  # so a resume grows them alike
         new = stack.grow_to(old, self.schedule, stage, generator=generator)
         sources = stack.layer_sources(self.schedule.stages[stage].grow, old.config.n_layer, new.config.n_layer)
         self.set_model(new, stage, self.step, old_model=old, sources=sources)
