@@ -282,12 +282,13 @@ def save_hf(model: Bert, directory: str):
     """Write config.json and pytorch_model.bin that transformers.BertForPreTraining.from_pretrained loads."""
     sd = hf_state_dict(model)
     os.makedirs(directory, exist_ok=True)
-    _atomic_write(os.path.join(directory, "config.json"), lambda f: f.write(json.dumps(hf_config(model.config), indent=2).encode()))
-    _atomic_write(os.path.join(directory, "pytorch_model.bin"), lambda f: torch.save(sd, f))
+    atomic_write(os.path.join(directory, "config.json"), lambda f: f.write(json.dumps(hf_config(model.config), indent=2).encode()))
+    atomic_write(os.path.join(directory, "pytorch_model.bin"), lambda f: torch.save(sd, f))
 
 
-def _atomic_write(path: str, write):
-    """Write a file by `write(fileobj)` into a temporary beside it, then rename: never a half-written file."""
+def atomic_write(path: str, write):
+    """Write a file by `write(binary file object)` into a temporary beside it, then rename it into place:
+    a crash leaves the old file or none, never half a file. Every file this project writes goes through here."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         write(f)

@@ -37,6 +37,8 @@ import numpy as np
 import regex
 import torch
 
+from bert import atomic_write
+
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4  # special ids, fixed by bert.py
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 N_BASE = len(SPECIALS) + 256  # specials, then one token per byte value; merges start here
@@ -220,7 +222,7 @@ class Tokenizer:
     def save(self, path: str):
         """JSON file: to_dict() plus a readable "vocab" list (id -> token text), for people, not for loading."""
         d = dict(self.to_dict(), vocab=[p.decode("utf-8", errors="backslashreplace") for p in self.pieces])
-        _atomic_write(path, lambda f: f.write(json.dumps(d, ensure_ascii=False).encode()))
+        atomic_write(path, lambda f: f.write(json.dumps(d, ensure_ascii=False).encode()))
 
     @classmethod
     def load(cls, path: str) -> "Tokenizer":
@@ -454,14 +456,6 @@ CACHE_FORMAT, CACHE_VERSION = "bert-token-cache", 1
 SPLIT_ARRAYS = ("tokens", "sent_starts", "doc_starts")  # the fields of Split, one .npy file each per split
 
 
-def _atomic_write(path: str, write):
-    """write(f) into a temporary file, then rename: a crash leaves the old file or none, never half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def _fingerprint(cfg: DataConfig) -> dict:
     """Everything the cached arrays depend on; a content hash per input file (BLAKE2, ~1 s per GB)."""
     files = {}
@@ -545,11 +539,11 @@ def _build_cache(cfg: DataConfig, key: dict, progress) -> tuple:
     for split, name in zip(splits, ("train", "valid")):
         for a in SPLIT_ARRAYS:
             path = os.path.join(cfg.cache_dir, f"{name}.{a}.npy")
-            _atomic_write(path, lambda f: np.save(f, getattr(split, a)))
+            atomic_write(path, lambda f: np.save(f, getattr(split, a)))
             sizes[f"{name}.{a}"] = os.path.getsize(path)
     header = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "tokenizer_hash": tok.hash(),
               "sizes": sizes, "report": report}
-    _atomic_write(header_path, lambda f: f.write(json.dumps(header, indent=1).encode()))
+    atomic_write(header_path, lambda f: f.write(json.dumps(header, indent=1).encode()))
     return tok, splits, header
 
 

@@ -520,10 +520,7 @@ def print0(d: Dist, *args):
 def atomic_write(path: str, text: str):
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    bert.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def load_runs(out: str) -> dict:

@@ -1073,7 +1073,7 @@ def test_sigterm_saves_and_the_run_resumes(tmp_path, run_cache):
     import sys
     import time
     import train
-    args = TINY_RUN + ["--schedule", "3:4,6:4,12:4", "--steps", "12", "--cache-dir", run_cache]
+    args = TINY_RUN + ["--schedule", "3:4,6:4,12:52", "--steps", "60", "--cache-dir", run_cache]
     here = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cut = str(tmp_path / "cut")
@@ -1087,11 +1087,11 @@ def test_sigterm_saves_and_the_run_resumes(tmp_path, run_cache):
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, output
     stopped = train.load_checkpoint(os.path.join(cut, "checkpoint.pt"))["step"]
-    assert 0 < stopped < 12, output
+    assert 0 < stopped < 60, output
     assert train.main(args + ["--out", cut, "--resume"]) == 0
     assert train.main(args + ["--out", str(tmp_path / "whole")]) == 0
     whole, resumed = train_losses(tmp_path / "whole"), train_losses(cut)
-    assert sorted(resumed) == list(range(1, 13))
+    assert sorted(resumed) == list(range(1, 61))
     assert all(whole[s] == pytest.approx(resumed[s], rel=1e-6, abs=1e-6) for s in whole)
 
 

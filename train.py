@@ -242,9 +242,7 @@ def carry_moments(old_opt, new_opt, old_model, new_model, sources):
 
 def save_checkpoint(path: str, state: dict):
     """Write to a temporary file, then rename: the previous checkpoint survives until the new one is whole."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    bert.atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str) -> dict:
@@ -294,10 +292,7 @@ def truncate_log(path: str, step: int):
         return
     with open(path) as f:
         kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    bert.atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 def read_log(run_dir: str) -> list:
@@ -352,10 +347,7 @@ def svg_plot(series: dict, path: str, xlabel: str, ylabel: str, title: str, hlin
         out.append(f'<line x1="{W - R + 12}" x2="{W - R + 36}" y1="{T + 10 + 18 * i}" y2="{T + 10 + 18 * i}" stroke="{color}" stroke-width="3"/>')
         out.append(f'<text x="{W - R + 42}" y="{T + 14 + 18 * i}">{label}</text>')
     out.append("</svg>")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write("\n".join(out))
-    os.replace(tmp, path)
+    bert.atomic_write(path, lambda f: f.write("\n".join(out).encode()))
 
 
 def val_curve(records: list) -> list:
