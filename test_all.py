@@ -1055,7 +1055,11 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, run_cache):
     args = TINY_RUN + ["--method", "mslt", "--steps", "6", "--k", "2", "--dropout", "0", "--cache-dir", run_cache]
     here = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    import socket
+    with socket.socket() as s:  # a free port, so a busy fixed one cannot fail the test
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                     "train.py", *args, "--out", str(tmp_path / "ddp")], cwd=here, env=env, check=True, capture_output=True)
     subprocess.run([sys.executable, "train.py", *args, "--micro-batch", "4", "--out", str(tmp_path / "one")],
                    cwd=here, env=env, check=True, capture_output=True)
