@@ -248,7 +248,7 @@ def report(a):
         f.write(table + "\n")
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"results": results, "unigram_plateau": plateau, "args": vars(a)}, f, indent=2)
-    series = {n: [(w / 60, l) for _, w, l, _ in val_points(train.read_log(os.path.join(a.out, n)))] for n in results}
+    series = {n: train.val_curve(train.read_log(os.path.join(a.out, n))) for n in results}
     train.svg_plot(series, os.path.join(a.out, "val_loss.svg"), "training wall time (min, validation excluded)",
                    "validation loss (MLM + NSP)", f"{a.preset}, {a.steps} steps, batch {a.batch_size} x {a.seq_len}",
                    hline=(plateau + 0.693, "context-free model: unigram + ln 2"))
