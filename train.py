@@ -736,6 +736,7 @@ def main(argv=None) -> int:
         for s, h in old.items():
             signal.signal(s, h)
         if d.world > 1:
+            dist.barrier()  # rank 0 may still be plotting; tearing gloo down under it can crash the process
             dist.destroy_process_group()
 
 
