@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bert
 from data import DataError, Tokenizer, truncate_lengths
-from train import Dist, all_reduce_mean, fmt_time, param_groups, setup_distributed
+from train import Dist, adamw, all_reduce_mean, fmt_time, param_groups, setup_distributed
 
 DEFAULT_GLUE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "glue")
 
@@ -464,7 +464,7 @@ def train(model: GlueModel, task: Task, enc: Encoded, lr: float, seed: int, cfg:
     """AdamW with warm-up and linear decay over the epochs (or --max-steps); returns the last logged loss."""
     device = next(model.parameters()).device
     wrapped = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None) if d.world > 1 else model
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6)
+    optimizer = adamw(param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6)
     per_epoch = sum(1 for _ in epoch_batches(len(enc.ids), cfg.batch_size, seed, 0, d))
     total = (cfg.epochs or task.epochs) * per_epoch
     total = min(total, cfg.max_steps) if cfg.max_steps else total

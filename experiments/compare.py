@@ -35,7 +35,8 @@ import data  # noqa: E402
 import train  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "data")
-DEFAULT_CORPUS = [os.path.join(SHARED, p) for p in ("gutenberg", "brown", "wikitext-2-raw")]
+# brown/brown.txt, not the folder: its cats.txt is a category list, not text
+DEFAULT_CORPUS = [os.path.join(SHARED, p) for p in ("gutenberg", "brown/brown.txt", "wikitext-2-raw")]
 
 # run name -> (train.py --method, optimizer). Each paper's method is compared with the baseline trained
 # by that paper's optimizer: Adam for progressive stacking, LAMB for MSLT.
