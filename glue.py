@@ -411,11 +411,12 @@ class FinetuneConfig:
     predict_test: bool = True  # also predict the test sets (needed for submissions)
     log_every: int = 50  # steps between progress lines
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where to train
+    dtype: str = "float32"  # float32 | bf16 (autocast for forward passes; weights and AdamW stay float32)
 
     def settings(self, task: Task, backbone: Backbone) -> dict:
         """What a finished run's result depends on, besides lr and seed: resuming requires it to match."""
         keep = ("batch_size", "max_seq_len", "warmup", "weight_decay", "clip", "max_steps",
-                "max_train_examples", "predict_test")
+                "max_train_examples", "predict_test", "dtype")
         return dict({k: getattr(self, k) for k in keep}, epochs=self.epochs or task.epochs,
                     checkpoint=backbone.source, random_init=backbone.state is None)
 
@@ -426,8 +427,13 @@ def lr_lambda(total: int, warmup: float):
     return lambda step: step / n_warm if step < n_warm else max(0.0, (total - step) / max(1, total - n_warm))
 
 
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast when asked for, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
 @torch.no_grad()
-def predict(model: GlueModel, enc: Encoded, batch_size: int = 128) -> np.ndarray:
+def predict(model: GlueModel, enc: Encoded, dtype: str = "float32", batch_size: int = 128) -> np.ndarray:
     """Class ids (argmax) or scores (regression) for every example, in file order. Batches are taken in
     order of length, so each is padded little; the predictions are put back in file order at the end."""
     model.eval()
@@ -435,18 +441,19 @@ def predict(model: GlueModel, enc: Encoded, batch_size: int = 128) -> np.ndarray
     order = sorted(range(len(enc.ids)), key=lambda i: len(enc.ids[i]))
     out = []
     for start in range(0, len(order), batch_size):
-        logits = model(*collate(enc, order[start:start + batch_size], model.pad_id, device))
+        with autocast(device, dtype):
+            logits = model(*collate(enc, order[start:start + batch_size], model.pad_id, device)).float()
         out.append(logits[:, 0] if logits.size(1) == 1 else logits.argmax(-1))
     pred = np.empty(len(order), dtype=np.float64)
     pred[order] = torch.cat(out).double().cpu().numpy()
     return pred
 
 
-def dev_metrics(task: Task, model: GlueModel, dev: dict) -> dict:
+def dev_metrics(task: Task, model: GlueModel, dev: dict, dtype: str = "float32") -> dict:
     """{metric: value}; with several dev sets (MNLI) the keys are metric-split, e.g. acc-m, acc-mm."""
     out = {}
     for split, enc in dev.items():
-        pred = predict(model, enc)
+        pred = predict(model, enc, dtype)
         for name in task.metrics:
             key = name if len(dev) == 1 else f"{name}-{split}"
             out[key] = METRICS[name](enc.labels.numpy(), pred)
@@ -473,7 +480,8 @@ def train(model: GlueModel, task: Task, enc: Encoded, lr: float, seed: int, cfg:
     wrapped.train()
     while step < total:
         for rows in epoch_batches(len(enc.ids), cfg.batch_size, seed, step // per_epoch, d):
-            logits = wrapped(*collate(enc, rows, model.pad_id, device))
+            with autocast(device, cfg.dtype):
+                logits = wrapped(*collate(enc, rows, model.pad_id, device)).float()
             y = enc.labels[rows].to(device)
             loss = F.mse_loss(logits[:, 0], y) if task.labels is None else F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -500,8 +508,8 @@ def finetune(task: Task, backbone: Backbone, data: dict, lr: float, seed: int, c
     n_out = 1 if task.labels is None else len(task.labels)
     model = GlueModel(backbone.build(seed), n_out, backbone.tokenizer.pad_id).to(device)
     train_loss = train(model, task, data["train"], lr, seed, cfg, d)
-    dev = dev_metrics(task, model, data["dev"])
-    test = {stem: {"index": enc.index, "prediction": prediction_strings(task, predict(model, enc))}
+    dev = dev_metrics(task, model, data["dev"], cfg.dtype)
+    test = {stem: {"index": enc.index, "prediction": prediction_strings(task, predict(model, enc, cfg.dtype))}
             for stem, enc in data["test"].items()} if cfg.predict_test else {}
     return {"task": task.name, "lr": lr, "seed": seed, "label": backbone.label, "settings": cfg.settings(task, backbone),
             "dev": dev, "score": task_score(dev), "train_loss": train_loss, "train_examples": len(data["train"].ids),
@@ -652,6 +660,8 @@ def parse_args(argv=None) -> tuple:
     g.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps of linear warm-up")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay on matrices")
     g.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="training device")
+    g.add_argument("--dtype", default=d.dtype, choices=["float32", "bf16"], help="bf16: autocast (fast on "
+                   "GPUs and on CPUs with AVX-512 BF16 or AMX)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="results folder (default: <checkpoint folder>/glue-<name>[-random]); with "
                                  "several checkpoints, one sub-folder each")
@@ -672,7 +682,8 @@ def parse_args(argv=None) -> tuple:
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no GPU is visible")
     cfg = FinetuneConfig(tuple(a.lrs), tuple(a.seeds), a.epochs, a.batch_size, a.max_seq_len, a.warmup,
-                         a.weight_decay, d.clip, a.max_steps, a.max_train_examples, not a.no_test, a.log_every, a.device)
+                         a.weight_decay, d.clip, a.max_steps, a.max_train_examples, not a.no_test, a.log_every, a.device,
+                         a.dtype)
     return a, list(dict.fromkeys(tasks)), cfg
 
 

@@ -10,7 +10,7 @@ import math
 import os
 import sys
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -1373,6 +1373,10 @@ def test_finetune_is_deterministic_per_seed(tmp_path, one_thread):
     a, b, c = (glue.finetune(task, backbone, data, 1e-3, seed, cfg, glue.Dist()) for seed in (0, 0, 1))
     assert a["train_loss"] == b["train_loss"] and a["test"] == b["test"]
     assert a["train_loss"] != c["train_loss"]
+    # bf16 autocast: the same run up to rounding, recorded in the settings that resuming checks
+    e = glue.finetune(task, backbone, data, 1e-3, 0, replace(cfg, dtype="bf16"), glue.Dist())
+    assert e["settings"]["dtype"] == "bf16" and e["train_loss"] != a["train_loss"]
+    assert abs(e["train_loss"] - a["train_loss"]) < 0.05 * a["train_loss"], (e["train_loss"], a["train_loss"])
 
 
 def test_submission_strings():
