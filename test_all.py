@@ -1005,6 +1005,13 @@ def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, run_cache):
         assert whole[step] == pytest.approx(resumed[step], rel=1e-6, abs=1e-6), step
     ckpt = train.load_checkpoint(str(tmp_path / "broken" / "checkpoint.pt"))
     assert ckpt["step"] == 10 and ckpt["config"]["n_layer"] == 12
+    # the logged speed is tokens over training time (validation, saving and growth excluded), as the wall is
+    assert train.main(args + ["--out", str(tmp_path / "speed"), "--log-every", "4", "--eval-every", "3"]) == 0
+    rows = [r for r in train.read_log(str(tmp_path / "speed")) if "tokens_per_s" in r]
+    assert [r["step"] for r in rows] == [4, 8, 10]
+    for a, b in zip(rows, rows[1:]):
+        tokens = (b["step"] - a["step"]) * 8 * 32
+        assert b["tokens_per_s"] == pytest.approx(tokens / (b["wall"] - a["wall"]), rel=0.1), (a, b)
     assert os.path.exists(tmp_path / "broken" / "stage1_end.pt") and os.path.exists(tmp_path / "whole" / "val_loss.svg")
 
 

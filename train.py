@@ -541,7 +541,7 @@ class Trainer:
         self.print(bert.describe(self.model))
         self.print(reference_line(self.prepared))
         tokens_per_step = cfg.batch_size * cfg.seq_len
-        window_t, window_steps = time.perf_counter(), 0
+        window_wall, window_steps = self.wall, 0  # speed from training time only, like the plots' wall
         while self.step < cfg.steps:
             stage, _ = self.schedule.stage_at(self.step)
             if stage != self.stage:
@@ -559,22 +559,19 @@ class Trainer:
                            f"is {os.path.join(self.out, 'checkpoint.pt')}; try a lower --lr or --clip.")
                 return 1
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                dt = time.perf_counter() - window_t
-                steps_per_s = window_steps / dt
+                steps_per_s = window_steps / max(self.wall - window_wall, 1e-9)
                 self.print(self.progress_line(r, steps_per_s * tokens_per_step, (cfg.steps - self.step) / steps_per_s))
                 self.log({**r, "tokens_per_s": steps_per_s * tokens_per_step})
-                window_t, window_steps = time.perf_counter(), 0
+                window_wall, window_steps = self.wall, 0
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 v = self.validate()
                 self.log(v)
                 self.last_val_step = self.step
                 self.print(f"step {self.step:>6} | validation loss {v['val_loss']:.4f} (mlm {v['val_mlm_loss']:.4f} "
                            f"acc {v['val_mlm_acc']:.3f}, nsp acc {v['val_nsp_acc']:.3f}) | wall {fmt_time(self.wall)}")
-                window_t = time.perf_counter()  # validation time is not training time
             stop = self.should_stop()
             if self.step % cfg.save_every == 0 or self.step == cfg.steps or stop:
                 self.save()
-                window_t = time.perf_counter()
             if stop and self.step < cfg.steps:
                 self.print(f"stopped at step {self.step}; resume with: python train.py --resume --out {self.out} ...")
                 return 128 + self.stop_signal if self.stop_signal else 0  # the shell's code for "killed by signal"
