@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true", help="do not train; rebuild results from the logs")
     p.add_argument("--ablation", action="store_true", help="also run the switching-time ablation (Figure 7)")
     p.add_argument("--glue", action="store_true", help="fine-tune the final checkpoints on GLUE dev, side by side")
-    p.add_argument("--glue-runs", nargs="+", default=["baseline", "stack", "baseline-lamb", "mslt"],
+    p.add_argument("--glue-runs", nargs="+", default=["baseline-lamb", "mslt", "baseline", "stack"],
                    help="runs to fine-tune; the first one's config is also fine-tuned from random weights")
     p.add_argument("--glue-args", default=GLUE_CPU, help="glue.py flags (default: a CPU-sized grid)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
