@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bert
 from data import DataError, Tokenizer, truncate_lengths
-from train import Dist, adamw, all_reduce_mean, fmt_time, param_groups, setup_distributed
+from train import Dist, adamw, all_reduce_mean, autocast, fmt_time, param_groups, setup_distributed
 
 DEFAULT_GLUE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "glue")
 
@@ -425,11 +425,6 @@ def lr_lambda(total: int, warmup: float):
     """Multiplier of the peak lr at each step: linear 0 -> 1 over warmup * total steps, then linear -> 0."""
     n_warm = max(1, int(warmup * total))
     return lambda step: step / n_warm if step < n_warm else max(0.0, (total - step) / max(1, total - n_warm))
-
-
-def autocast(device: torch.device, dtype: str):
-    """bf16 autocast when asked for, else a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
 @torch.no_grad()

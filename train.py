@@ -214,6 +214,11 @@ def adamw(groups: list, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, fused=fused, **kwargs)
 
 
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast when --dtype bf16, else a no-op context; weights and optimizer stay float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
 def get_lr(step: int, cfg: TrainConfig, stage_start: int) -> float:
     """Linear warm-up once at the start, then linear decay to 0 at the last step: continuous across
     switches. With --rewarmup, a short linear ramp after each optimizer reset (an ablation)."""
@@ -380,7 +385,6 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, d: Dist):
         self.cfg, self.d = cfg, d
         self.device = torch.device(cfg.device)
-        self.autocast = cfg.dtype == "bf16"
         self.out = cfg.out
         self.log_path = os.path.join(self.out, "log.jsonl")
         self.schedule = make_schedule(cfg)
@@ -469,7 +473,7 @@ class Trainer:
 
     def forward(self, batch: dict):
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with autocast(self.device, self.cfg.dtype):
             out = self.wrapped(**batch)
         labels = batch["mlm_labels"][batch["mlm_labels"] != bert.IGNORE]
         mlm_acc = (out.mlm_logits.argmax(-1) == labels).float().mean()
