@@ -151,26 +151,16 @@ class Lamb(torch.optim.Optimizer):
     """LAMB (You et al. 2019, Algorithm 2): Adam's bias-corrected direction plus decoupled weight decay,
     scaled per tensor by the trust ratio ||w|| / ||update|| (1 when either norm is 0).
 
-    Groups with trust=False (biases, LayerNorm) get the plain Adam update, no trust ratio. With
-    `max_grad_norm` the gradients are first scaled so their global norm is at most that value.
+    Groups with trust=False (biases, LayerNorm) get the plain Adam update, no trust ratio. Gradient
+    clipping is the training loop's job (`clip_grad_norm_` before every optimizer step). The trust ratio
+    stays a device tensor: no host synchronisation per parameter on a GPU.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, max_grad_norm=None):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust=True)
-        super().__init__(params, defaults)
-        self.max_grad_norm = max_grad_norm
-
-    def _grad_scale(self) -> float:
-        """Factor that brings the global gradient norm down to max_grad_norm (1 when already below)."""
-        if not self.max_grad_norm:
-            return 1.0
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads])).item()
-        return min(1.0, self.max_grad_norm / (norm + 1e-12))
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust=True))
 
     @torch.no_grad()
     def step(self, closure=None):
-        scale = self._grad_scale()
         for g in self.param_groups:
             beta1, beta2 = g["betas"]
             for p in g["params"]:
@@ -178,22 +168,18 @@ class Lamb(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.zeros(())
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                 state["step"] += 1
-                t = state["step"].item()
-                grad = p.grad * scale
-                state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)  # m_t
-                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v_t
-                m_hat = state["exp_avg"] / (1 - beta1 ** t)
-                v_hat = state["exp_avg_sq"] / (1 - beta2 ** t)
-                update = m_hat / (v_hat.sqrt() + g["eps"]) + g["weight_decay"] * p
-                ratio = 1.0
+                t = state["step"].item()  # a CPU tensor: no device sync
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)  # m_t
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)  # v_t
+                update = (m / (1 - beta1 ** t)).div_((v / (1 - beta2 ** t)).sqrt_().add_(g["eps"]))  # m^ / (sqrt(v^) + eps)
+                update.add_(p, alpha=g["weight_decay"])
                 if g["trust"]:
-                    w_norm, u_norm = p.norm().item(), update.norm().item()
-                    ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
-                p.add_(update, alpha=-g["lr"] * ratio)
+                    w_norm, u_norm = p.norm(), update.norm()
+                    update.mul_(torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0))
+                p.sub_(update, alpha=g["lr"])
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
