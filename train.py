@@ -475,14 +475,14 @@ class Trainer:
         lr = get_lr(self.step, self.cfg, self.stage_start)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        stats = torch.zeros(5)
+        stats = torch.zeros(5, device=self.device)  # summed on the device: one host sync per step, not per micro-batch
         for m in range(self.n_micro):
             batch = self.train_batches.for_step(self.step, self.cfg.batch_size, self.d.rank, self.d.world, m, self.n_micro)
             sync = m == self.n_micro - 1 or self.d.world == 1  # DDP all-reduces on the last micro-batch only
             with contextlib.nullcontext() if sync else self.wrapped.no_sync():
                 out, s = self.forward(batch)
                 (out.loss / self.n_micro).backward()
-            stats += s.cpu() / self.n_micro
+            stats += s / self.n_micro
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip if self.cfg.clip > 0 else float("inf"))
         self.optimizer.step()
@@ -495,10 +495,10 @@ class Trainer:
     def validate(self) -> dict:
         """Loss and accuracy on the same held-out batches every time (documents never trained on)."""
         self.model.eval()
-        stats = torch.zeros(5)
+        stats = torch.zeros(5, device=self.device)
         for i in range(self.cfg.eval_batches):
             batch = self.valid_batches.for_step(i, self.cfg.batch_size, self.d.rank, self.d.world)
-            stats += self.forward(batch)[1].cpu() / self.cfg.eval_batches
+            stats += self.forward(batch)[1] / self.cfg.eval_batches
         loss, mlm, nsp, mlm_acc, nsp_acc = all_reduce_mean(stats.tolist(), self.d)
         return dict(val_loss=loss, val_mlm_loss=mlm, val_nsp_loss=nsp, val_mlm_acc=mlm_acc, val_nsp_acc=nsp_acc)
 

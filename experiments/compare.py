@@ -17,6 +17,8 @@ continued by running the same command again.
     python experiments/compare.py --preset bert-base --seq-len 128 --batch-size 256 --steps 40000 \\
         --nproc 8 --out runs/compare-base                 # the same on a GPU node, with torchrun
     python experiments/compare.py --report-only           # only redo tables and plot from existing logs
+    python experiments/compare.py --seed 1 --out runs/compare-seed1   # a replicate, then side by side:
+    python experiments/compare.py --replicates runs/compare runs/compare-seed1 --out runs/compare
 """
 
 import argparse
@@ -67,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/compare", help="directory of the runs and the results")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, synthetic corpus, a few minutes")
     p.add_argument("--report-only", action="store_true", help="do not train; rebuild results from the logs")
+    p.add_argument("--replicates", nargs="+", metavar="DIR", default=[],
+                   help="do not train; print finished comparisons (e.g. --seed 0 and 1) side by side into <out>/replicates.md")
     p.add_argument("--ablation", action="store_true", help="also run the switching-time ablation (Figure 7)")
     p.add_argument("--glue", action="store_true", help="fine-tune the final checkpoints on GLUE dev, side by side")
     p.add_argument("--glue-runs", nargs="+", default=["baseline-lamb", "mslt", "baseline", "stack"],
@@ -220,6 +224,41 @@ def fmt_min(seconds) -> str:
     return "never" if seconds is None else f"{seconds / 60:.1f}"
 
 
+def fmt_speedup(reach: dict) -> str:
+    return f"{reach['speedup']:.2f}x" if reach["speedup"] else "never"
+
+
+def versus_baseline(results: dict, name: str) -> tuple:
+    """(final loss against the baseline's, as '+1.2%'; total wall time / the baseline's), '-' without one."""
+    r, base = results[name], results.get(results[name]["baseline"])
+    if not base:
+        return "-", "-"
+    return f"{100 * (r['final_val_loss'] / base['final_val_loss'] - 1):+.1f}%", f"{r['wall'] / base['wall']:.2f}"
+
+
+def replicates_table(dirs: list) -> str:
+    """Finished comparisons that differ only in --seed (or anything else), side by side from their
+    results.json: per run and directory, the final loss and total time against the baseline, and the
+    speed-up to the baseline's loss at 1/4, 1/2 and all of its steps."""
+    results = []
+    for d in dirs:
+        with open(os.path.join(d, "results.json")) as f:
+            results.append(json.load(f)["results"])
+    head = ["run"] + [f"{os.path.basename(os.path.normpath(d))}: {c}" for d in dirs
+                      for c in ("vs baseline", "wall / baseline's", "speed-up at 1/4, 1/2, 1")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in [n for n in RUNS if any(n in r for r in results)]:
+        row = [name]
+        for r in results:
+            if name not in r:
+                row += ["-", "-", "-"]
+                continue
+            reach = r[name]["reach"]
+            row += [*versus_baseline(r, name), " / ".join(fmt_speedup(reach[str(f)]) if str(f) in reach else "-" for f in FRACTIONS)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def results_table(results: dict, plateau: float) -> str:
     """The markdown table of results.md."""
     head = ["run", "baseline", "final val loss", "vs baseline", "final val MLM", "total wall (min)", "wall / baseline's"]
@@ -227,13 +266,11 @@ def results_table(results: dict, plateau: float) -> str:
         head += [f"reach base@{f:g}: min", "speed-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        base = results.get(r["baseline"])
-        vs = f"{100 * (r['final_val_loss'] / base['final_val_loss'] - 1):+.1f}%" if base else "-"
-        ratio = f"{r['wall'] / base['wall']:.2f}" if base else "-"
+        vs, ratio = versus_baseline(results, name)
         row = [name, r["baseline"], f"{r['final_val_loss']:.3f}", vs, f"{r['final_val_mlm_loss']:.3f}", fmt_min(r["wall"]), ratio]
         for f in FRACTIONS:
             x = r["reach"].get(str(f))
-            row += ([fmt_min(x["time"]), f"{x['speedup']:.2f}x" if x["speedup"] else "-"] if x else ["-", "-"])
+            row += ([fmt_min(x["time"]), fmt_speedup(x)] if x else ["-", "-"])
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for base in sorted({r["baseline"] for r in results.values()} & results.keys()):
@@ -296,6 +333,12 @@ def glue_compare(a):
 if __name__ == "__main__":
     args = parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.replicates:
+        table = replicates_table(args.replicates)
+        with open(os.path.join(args.out, "replicates.md"), "w") as f:
+            f.write(table + "\n")
+        print(table)
+        sys.exit(0)
     for name in args.runs:
         if not args.report_only:
             run(args, name, method_flags(args, name))
