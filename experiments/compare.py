@@ -289,7 +289,8 @@ def report(a):
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"results": results, "unigram_plateau": plateau, "args": vars(a)}, f, indent=2)
+        args = dict(vars(a), corpus=[os.path.relpath(c, ROOT) for c in a.corpus])  # no machine-specific paths
+        json.dump({"results": results, "unigram_plateau": plateau, "args": args}, f, indent=2)
     series = {n: train.val_curve(train.read_log(os.path.join(a.out, n))) for n in results}
     train.svg_plot(series, os.path.join(a.out, "val_loss.svg"), "training wall time (min, validation excluded)",
                    "validation loss (MLM + NSP)", f"{a.preset}, {a.steps} steps, batch {a.batch_size} x {a.seq_len}",
