@@ -1386,3 +1386,38 @@ def test_submission_strings():
     assert glue.prediction_strings(glue.TASKS["STS-B"], np.array([-0.3, 2.4567, 7.0])) == ["0.000", "2.457", "5.000"]
     assert glue.prediction_strings(glue.TASKS["MNLI"], np.array([2.0, 0.0])) == ["neutral", "contradiction"]
     assert glue.prediction_strings(glue.TASKS["CoLA"], np.array([1.0, 0.0])) == ["1", "0"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# experiments/compare.py: the analysis behind the results tables
+
+
+@pytest.fixture
+def compare():
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments")
+    sys.path.insert(0, folder)
+    import compare
+    yield compare
+    sys.path.remove(folder)
+
+
+def test_time_to_reach_interpolates_the_first_crossing(compare):
+    curve = [(10, 8.0), (20, 7.0), (30, 6.0), (40, 5.5)]
+    assert compare.time_to_reach(curve, 6.5) == pytest.approx(25.0)  # halfway between 7.0 at 20 s and 6.0 at 30 s
+    assert compare.time_to_reach(curve, 8.5) == 10  # already below at the first validation
+    assert compare.time_to_reach(curve, 5.0) is None  # never reached
+
+
+def test_replicates_table_puts_runs_side_by_side(compare, tmp_path):
+    def results(stack_loss, stack_speedup):
+        reach = {str(f): {"speedup": 1.0} for f in compare.FRACTIONS}
+        return {"results": {
+            "baseline": {"baseline": "baseline", "final_val_loss": 7.0, "wall": 100.0, "reach": reach},
+            "stack": {"baseline": "baseline", "final_val_loss": stack_loss, "wall": 80.0,
+                      "reach": dict(reach, **{"1.0": {"speedup": stack_speedup}})}}}
+    for name, r in (("seed0", results(6.93, 1.5)), ("seed1", results(7.07, None))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(r))
+    lines = compare.replicates_table([str(tmp_path / "seed0"), str(tmp_path / "seed1")]).splitlines()
+    assert lines[0].startswith("| run | seed0: vs baseline |") and "seed1: vs baseline" in lines[0]
+    assert lines[3] == "| stack | -1.0% | 0.80 | 1.00x / 1.00x / 1.50x | +1.0% | 0.80 | 1.00x / 1.00x / never |"
