@@ -312,7 +312,8 @@ def read_safetensors(path: str) -> dict:
         if name == "__metadata__":
             continue
         begin, end = t["data_offsets"]
-        flat = torch.frombuffer(data[begin:end], dtype=_SAFETENSORS_DTYPES[t["dtype"]]) if end > begin else torch.empty(0)
+        dtype = _SAFETENSORS_DTYPES[t["dtype"]]
+        flat = torch.frombuffer(data[begin:end], dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
         out[name] = flat.reshape(t["shape"]).clone()
     return out
 

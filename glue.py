@@ -659,7 +659,8 @@ def parse_args(argv=None) -> tuple:
                    "GPUs and on CPUs with AVX-512 BF16 or AMX)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="results folder (default: <checkpoint folder>/glue-<name>[-random]); with "
-                                 "several checkpoints, one sub-folder each")
+                                 "several checkpoints, one sub-folder each, named after the run (runs/stack/"
+                                 "checkpoint.pt -> stack, runs/stack/stage1_end.pt -> stack-stage1_end)")
     g.add_argument("--no-test", action="store_true", help="skip test-set predictions and submission files")
     g.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress lines")
     g.add_argument("--table", nargs="+", metavar="RESULTS_DIR", help="print a markdown table of finished results")
@@ -682,12 +683,22 @@ def parse_args(argv=None) -> tuple:
     return a, list(dict.fromkeys(tasks)), cfg
 
 
+def checkpoint_label(path: str) -> str:
+    """runs/stack/checkpoint.pt -> 'stack', runs/stack/stage1_end.pt -> 'stack-stage1_end', a HF folder -> its name."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return os.path.basename(path)
+    run, stem = os.path.basename(os.path.dirname(path)), os.path.splitext(os.path.basename(path))[0]
+    return run if stem == "checkpoint" else f"{run}-{stem}"
+
+
 def out_dir(a, path: str) -> str:
     """Where a checkpoint's results go: --out, one sub-folder per checkpoint with several, else beside it."""
-    stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0] + ("-random" if a.random_init else "")
+    suffix = "-random" if a.random_init else ""
     if a.out:
-        return a.out if len(a.checkpoint) == 1 else os.path.join(a.out, stem)
-    return os.path.join(os.path.dirname(os.path.abspath(path)), f"glue-{stem}")
+        return a.out if len(a.checkpoint) == 1 else os.path.join(a.out, checkpoint_label(path) + suffix)
+    stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f"glue-{stem}{suffix}")
 
 
 def main(argv=None) -> int:
@@ -696,17 +707,19 @@ def main(argv=None) -> int:
         if a.table:
             print(results_table(a.table), end="")
             return 0
+        outs = [out_dir(a, path) for path in a.checkpoint]
+        if len(set(outs)) < len(outs):
+            raise GlueError(f"--checkpoint: several checkpoints would share one results folder ({', '.join(outs)}); "
+                            f"fine-tune them one at a time, each with its own --out")
         d = setup_distributed(cfg.device)
-        outs = []
-        for path in a.checkpoint:
+        for path, out in zip(a.checkpoint, outs):
             backbone = load_backbone(path, a.random_init, a.tokenizer)
             if cfg.max_seq_len > backbone.config.max_position:
                 raise GlueError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position "
                                 f"{backbone.config.max_position}")
-            outs.append(out_dir(a, path))
-            print0(d, f"{backbone.label}: {bert.describe(backbone.build(0))} -> {outs[-1]}")
+            print0(d, f"{backbone.label}: {bert.describe(backbone.build(0))} -> {out}")
             for name in tasks:
-                run_task(TASKS[name], backbone, a.glue_dir, outs[-1], cfg, d, a.skip_bad_rows)
+                run_task(TASKS[name], backbone, a.glue_dir, out, cfg, d, a.skip_bad_rows)
         if d.master:
             table = results_table(outs)
             for out in outs:

@@ -101,7 +101,7 @@ def test_safetensors_reader_matches_torch_tensors(tmp_path):
     """read_safetensors recovers dtype, shape and values of tensors written by the safetensors package."""
     st = pytest.importorskip("safetensors.torch")
     tensors = {"a": torch.randn(3, 4), "b": torch.arange(6, dtype=torch.int64).view(2, 3),
-               "c": torch.randn(5).to(torch.bfloat16), "empty": torch.zeros(0, 2)}
+               "c": torch.randn(5).to(torch.bfloat16), "empty": torch.zeros(0, 2), "empty_int": torch.zeros(0, dtype=torch.int64)}
     st.save_file(tensors, str(tmp_path / "x.safetensors"))
     back = bert.read_safetensors(str(tmp_path / "x.safetensors"))
     assert back.keys() == tensors.keys()
@@ -982,8 +982,11 @@ def run_cache(tmp_path_factory):
 
 
 def train_losses(out) -> dict:
+    """{step: training loss} of a run's log, after checking that each step is logged once, in order."""
     import train
-    return {r["step"]: r["loss"] for r in train.read_log(str(out)) if "loss" in r}
+    rows = [r for r in train.read_log(str(out)) if "loss" in r]
+    assert [r["step"] for r in rows] == sorted({r["step"] for r in rows}), "a step logged twice or out of order"
+    return {r["step"]: r["loss"] for r in rows}
 
 
 def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, run_cache):
@@ -993,14 +996,20 @@ def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, run_cache):
     assert train.main(args + ["--out", str(tmp_path / "whole")]) == 0
     broken = ["--out", str(tmp_path / "broken")]
     assert train.main(args + broken + ["--stop-after", "3"]) == 0
-    for stop in ("4", "8", "0"):
-        assert train.main(args + broken + ["--resume", "--stop-after", stop]) == 0
+    for stop in ("4", "8", "0"):  # the other flags (schedule, cache, ...) come from the checkpoint
+        assert train.main(broken + ["--resume", "--stop-after", stop]) == 0
     whole, resumed = train_losses(tmp_path / "whole"), train_losses(tmp_path / "broken")
     assert sorted(whole) == sorted(resumed) == list(range(1, 11))
     for step in whole:
         assert whole[step] == pytest.approx(resumed[step], rel=1e-6, abs=1e-6), step
     ckpt = train.load_checkpoint(str(tmp_path / "broken" / "checkpoint.pt"))
     assert ckpt["step"] == 10 and ckpt["config"]["n_layer"] == 12
+    with pytest.raises(SystemExit, match=r"--lr: checkpoint 0\.002, now 0\.1"):  # a flag given anew must agree
+        train.main(broken + ["--resume", "--lr", "0.1"])
+    other = tmp_path / "other.txt"  # another corpus: another tokenizer, so the token ids would mean other things
+    other.write_text("".join(f"Document {d} says {d} things. It ends here.\n\n" for d in range(50)))
+    with pytest.raises(SystemExit, match="another tokenizer"):
+        train.main(broken + ["--resume", "--corpus", str(other), "--cache-dir", str(tmp_path / "other-cache")])
     # the logged speed is tokens over training time (validation, saving and growth excluded), as the wall is
     assert train.main(args + ["--out", str(tmp_path / "speed"), "--log-every", "4", "--eval-every", "3"]) == 0
     rows = [r for r in train.read_log(str(tmp_path / "speed")) if "tokens_per_s" in r]
@@ -1023,7 +1032,7 @@ def test_switch_resets_optimizer_keeps_lr_and_leaves_frozen_out(tmp_path, run_ca
     for _ in range(switch):
         lrs.append(t.train_step()["lr"])
         t.step += 1
-    assert all(len(s) > 0 for s in t.optimizer.state.values())
+    assert len(t.optimizer.state) == sum(len(g["params"]) for g in t.optimizer.param_groups)  # every parameter stepped
     t.grow(1)
     assert len(t.optimizer.state) == 0  # fresh moments, step 0
     in_opt = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
@@ -1038,17 +1047,30 @@ def test_switch_resets_optimizer_keeps_lr_and_leaves_frozen_out(tmp_path, run_ca
     assert isinstance(t.schedule, stack.Schedule)
 
 
-def test_bad_flags_fail_at_once_naming_them(tmp_path):
-    import time
+def test_pretraining_lr_known_answers():
+    """Warm-up 2 of 10 steps, peak 1: ramps 0.5, 1, then falls linearly to 0 at step 10; --rewarmup 2 halves
+    the first step after a switch at step 6 and leaves the second alone."""
     import train
+    cfg = train.TrainConfig(lr=1.0, warmup=2, steps=10)
+    assert [train.get_lr(s, cfg, 0) for s in (0, 1, 2, 6, 9)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.125])
+    cfg = train.TrainConfig(lr=1.0, warmup=2, steps=10, rewarmup=2)
+    assert [train.get_lr(s, cfg, 6) for s in (6, 7)] == pytest.approx([0.25, 0.375])
+
+
+def test_bad_flags_fail_at_once_naming_them(tmp_path, monkeypatch):
+    import train
+
+    def no_trainer(*args):
+        raise AssertionError("a Trainer was built: the flags were checked too late")
+
+    monkeypatch.setattr(train, "Trainer", no_trainer)  # "at once": before any data or model is made
     for argv, flag in ([["--batch-size", "30", "--micro-batch", "4"], "--batch-size"],
                        [["--schedule", "3:50,6:50", "--steps", "100"], "--schedule"],
                        [["--method", "mslt", "--k", "5"], "--k"],
                        [["--warmup", "700"], "--warmup"]):
-        start = time.perf_counter()
         with pytest.raises(SystemExit) as e:
             train.main(argv + ["--out", str(tmp_path)])
-        assert flag in str(e.value) and time.perf_counter() - start < 1.0, (argv, str(e.value))
+        assert flag in str(e.value), (argv, str(e.value))
 
 
 def test_torchrun_two_processes_equal_one_process(tmp_path, run_cache):
@@ -1087,8 +1109,9 @@ def test_sigterm_saves_and_the_run_resumes(tmp_path, run_cache):
     proc = subprocess.Popen([sys.executable, "train.py", *args, "--out", cut], cwd=here, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = os.path.join(cut, "log.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 3):
+    deadline = time.time() + 600  # generous: on a busy machine building the token cache alone can take minutes
+    while not (os.path.exists(log) and len(open(log).readlines()) >= 3):  # training (and its handler) has begun
+        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before its third log line"
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
@@ -1252,6 +1275,17 @@ def test_glue_average_and_confidence_interval():
     assert math.isnan(glue.mean_ci([0.5])[1])
     assert glue.t_quantile_975(11) == pytest.approx(2.201, abs=0.003)
     assert glue.t_quantile_975(30) == pytest.approx(2.042, abs=0.001)
+
+
+def test_several_checkpoints_get_one_results_folder_each(tmp_path, capsys):
+    import argparse
+    a = argparse.Namespace(out="runs/glue", random_init=False, checkpoint=[
+        "runs/baseline/checkpoint.pt", "runs/stack/checkpoint.pt", "runs/stack/stage1_end.pt"])
+    assert [glue.out_dir(a, p) for p in a.checkpoint] == [
+        os.path.join("runs/glue", d) for d in ("baseline", "stack", "stack-stage1_end")]
+    clash = [str(tmp_path / "a" / "checkpoint.pt"), str(tmp_path / "b" / "a" / "checkpoint.pt")]
+    assert glue.main(["--checkpoint", *clash, "--task", "RTE", "--out", str(tmp_path / "glue")]) == 2
+    assert "share one results folder" in capsys.readouterr().err
 
 
 def test_lr_schedule_warms_up_then_decays():

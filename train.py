@@ -92,6 +92,8 @@ class TrainConfig:
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE_CHANGES = {"out", "device", "compile", "log_every", "eval_every", "save_every", "resume", "overwrite",
                      "stop_after", "cache_dir", "corpus"}
+# Fields that concern one invocation only: --resume never takes them from the checkpoint.
+INVOCATION_ONLY = {"out", "resume", "overwrite", "stop_after"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,10 +245,11 @@ def save_checkpoint(path: str, state: dict):
     bert.atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint without running code from it; a clear error for a corrupt or foreign file."""
+def load_checkpoint(path: str, mmap: bool = False) -> dict:
+    """Read a checkpoint without running code from it; a clear error for a corrupt or foreign file.
+    `mmap` maps the file instead of reading it: cheap when only the plain values are wanted."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {e}). It may be "
                          f"truncated or corrupt; delete it, or copy a stage<i>_end.pt over it, and resume again.")
@@ -255,6 +258,21 @@ def load_checkpoint(path: str) -> dict:
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise SystemExit(f"error: {path} has checkpoint version {ckpt.get('version')}, this train.py reads {CHECKPOINT_VERSION}")
     return ckpt
+
+
+def run_dir(cfg: TrainConfig) -> str:
+    return cfg.out or os.path.join("runs", cfg.method)
+
+
+def resumed_config(cfg: TrainConfig, given: set) -> TrainConfig:
+    """Under --resume, every setting not `given` on the command line comes from the checkpoint, so
+    `train.py --resume --out DIR` continues a run with the flags it was started with (its corpus too)."""
+    path = os.path.join(run_dir(cfg), "checkpoint.pt")
+    if not (cfg.resume and os.path.exists(path)):
+        return cfg
+    saved = load_checkpoint(path, mmap=True)["train_config"]
+    keep = given | INVOCATION_ONLY
+    return TrainConfig(**{k: v if k in keep or k not in saved else saved[k] for k, v in asdict(cfg).items()})
 
 
 def check_resumable(ckpt: dict, cfg: TrainConfig, path: str):
@@ -410,6 +428,10 @@ class Trainer:
         if self.cfg.resume and os.path.exists(ckpt_path):
             ckpt = load_checkpoint(ckpt_path)
             check_resumable(ckpt, self.cfg, ckpt_path)
+            if ckpt["tokenizer"] != self.prepared.tokenizer.to_dict():
+                raise SystemExit(f"error: {ckpt_path} was trained with another tokenizer than the one in "
+                                 f"--cache-dir {self.cfg.cache_dir} for --corpus {self.cfg.corpus or '(synthetic)'}; "
+                                 f"resume with the run's own corpus and cache (leave both flags out)")
             model = bert.Bert(bert.BertConfig(**ckpt["config"]))
             model.load_state_dict(ckpt["model"])
             stack.set_trainable(model, self.schedule.stages[ckpt["stage"]].trainable_top)
@@ -563,7 +585,7 @@ class Trainer:
             if self.step % cfg.save_every == 0 or self.step == cfg.steps or stop:
                 self.save()
             if stop and self.step < cfg.steps:
-                self.print(f"stopped at step {self.step}; resume with: python train.py --resume --out {self.out} ...")
+                self.print(f"stopped at step {self.step}; resume with: python train.py --resume --out {self.out}")
                 return 128 + self.stop_signal if self.stop_signal else 0  # the shell's code for "killed by signal"
         if self.d.master:
             plot_runs([self.out], os.path.join(self.out, "val_loss.svg"))
@@ -614,7 +636,8 @@ def parse_args(argv=None) -> tuple:
     d = TrainConfig()
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=d.preset, choices=list(bert.PRESETS), help="model size (depth x hidden)")
-    g.add_argument("--post-norm", dest="pre_norm", action="store_false", help="original post-LN BERT instead of pre-LN")
+    g.add_argument("--post-norm", dest="pre_norm", action="store_false", default=argparse.SUPPRESS,
+                   help="original post-LN BERT instead of pre-LN (the default)")
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout probability")
     g = p.add_argument_group("growth schedule")
     g.add_argument("--method", default=d.method, choices=list(stack.METHODS), help="training method (paper proportions of steps)")
@@ -651,14 +674,16 @@ def parse_args(argv=None) -> tuple:
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validations")
     g.add_argument("--eval-batches", type=int, default=d.eval_batches, help="validation batches")
     g.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
-    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt; flags not given take the checkpoint's values")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if <out> holds a run")
     g.add_argument("--stop-after", type=int, default=d.stop_after, help="stop with a checkpoint after this step (0 = never)")
     g.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="only plot validation loss of these runs to --out/val_loss.svg (or ./val_loss.svg)")
-    a = p.parse_args(argv)
-    plot = a.__dict__.pop("plot")
-    cfg = TrainConfig(**vars(a))
-    return cfg, plot
+    unset = object()  # argparse leaves a field it finds on the namespace alone unless the flag is given
+    a = vars(p.parse_args(argv, argparse.Namespace(**{f.name: unset for f in dataclasses.fields(TrainConfig)})))
+    plot = a.pop("plot")
+    given = {k for k, v in a.items() if v is not unset}
+    cfg = TrainConfig(**{k: a[k] for k in given})
+    return resumed_config(cfg, given), plot
 
 
 def finish_config(cfg: TrainConfig, world: int) -> TrainConfig:
@@ -666,7 +691,7 @@ def finish_config(cfg: TrainConfig, world: int) -> TrainConfig:
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bf16_ok = device == "cuda" and torch.cuda.is_bf16_supported()
     cfg = dataclasses.replace(cfg, device=device, dtype=cfg.dtype or ("bf16" if bf16_ok else "float32"),
-                              out=cfg.out or os.path.join("runs", cfg.method))
+                              out=run_dir(cfg))
     errors = []
     if device == "cuda" and not torch.cuda.is_available():
         errors.append("--device cuda: no CUDA device is available")

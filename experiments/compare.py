@@ -78,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--glue-args", default=GLUE_CPU, help="glue.py flags (default: a CPU-sized grid)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
     # data (the same for every run)
-    p.add_argument("--corpus", nargs="*", default=DEFAULT_CORPUS, help="text files/folders (default: ../shared/data)")
+    p.add_argument("--corpus", nargs="*", default=DEFAULT_CORPUS, help="text files/folders (default: gutenberg, brown/brown.txt and wikitext-2-raw of ../shared/data)")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per example")
     p.add_argument("--batch-size", type=int, default=32, help="global batch in examples")
