@@ -992,10 +992,13 @@ def train_losses(out) -> dict:
 def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, run_cache):
     """Stops at a switch boundary, one step after a switch, and mid-stage; each resume continues exactly."""
     import train
-    args = TINY_RUN + ["--schedule", "3:3,6:3:identity-noise,12:4:stack", "--steps", "10", "--cache-dir", run_cache]
+    args = TINY_RUN + ["--schedule", "3:3,6:3:identity-noise,12:4:stack", "--steps", "10", "--optimizer", "lamb",
+                       "--cache-dir", run_cache]  # LAMB here; the SIGTERM test below resumes AdamW
     assert train.main(args + ["--out", str(tmp_path / "whole")]) == 0
     broken = ["--out", str(tmp_path / "broken")]
     assert train.main(args + broken + ["--stop-after", "3"]) == 0
+    with open(tmp_path / "broken" / "log.jsonl", "a") as f:  # as if the run had logged step 4 and died before saving
+        f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
     for stop in ("4", "8", "0"):  # the other flags (schedule, cache, ...) come from the checkpoint
         assert train.main(broken + ["--resume", "--stop-after", stop]) == 0
     whole, resumed = train_losses(tmp_path / "whole"), train_losses(tmp_path / "broken")
@@ -1045,6 +1048,17 @@ def test_switch_resets_optimizer_keeps_lr_and_leaves_frozen_out(tmp_path, run_ca
     assert lrs == pytest.approx(expected)  # the same continuous schedule through the switch
     assert all(s["step"].item() == 1 for s in t.optimizer.state.values())
     assert isinstance(t.schedule, stack.Schedule)
+
+
+def test_unreadable_or_foreign_checkpoint_is_named(tmp_path):
+    import train
+    garbage, foreign = tmp_path / "garbage.pt", tmp_path / "foreign.pt"
+    garbage.write_bytes(b"not a zip file at all")
+    torch.save({"x": torch.zeros(1)}, foreign)
+    with pytest.raises(SystemExit, match="garbage.pt is not a readable checkpoint"):
+        train.load_checkpoint(str(garbage))
+    with pytest.raises(SystemExit, match="foreign.pt is not a checkpoint written by train.py"):
+        train.load_checkpoint(str(foreign))
 
 
 def test_pretraining_lr_known_answers():
