@@ -690,7 +690,11 @@ def test_stack_copies_layer_j_mod_L(L, n):
 
 
 def test_stacked_model_trains():
-    new, batch = stack.stack(tiny_model(3), 6).train(), tiny_batch()
+    """The stacked model trains, and its copies are independent: layer i and i + L part after one step, the
+    old model is untouched."""
+    old = tiny_model(3)
+    before = {k: v.clone() for k, v in old.state_dict().items()}
+    new, batch = stack.stack(old, 6).train(), tiny_batch()
     torch.manual_seed(0)
     opt = torch.optim.Adam(new.parameters(), lr=3e-3)
     losses = []
@@ -701,6 +705,8 @@ def test_stacked_model_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+    assert not torch.equal(new.layers[0].ffn.inner.weight, new.layers[3].ffn.inner.weight)
+    assert all(torch.equal(v, before[k]) for k, v in old.state_dict().items())
 
 
 @pytest.mark.parametrize("n,group_size,message", [(3, 1, "not larger"), (2, 1, "not larger"), (8, 1, "not a multiple"),
