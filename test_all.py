@@ -1061,6 +1061,27 @@ def test_switch_resets_optimizer_keeps_lr_and_leaves_frozen_out(tmp_path, run_ca
     assert isinstance(t.schedule, stack.Schedule)
 
 
+def test_carry_moments_copies_moments_into_copied_layers(tmp_path, run_cache):
+    """--carry-moments (ablation): after stacking 3 -> 6, layers j and j + 3 start with copies of old layer
+    j's Adam moments, each its own tensor; embeddings keep theirs too."""
+    import train
+    cfg, _ = train.parse_args(TINY_RUN + ["--schedule", "3:2,6:2,12:2", "--steps", "6", "--carry-moments",
+                                          "--cache-dir", run_cache, "--out", str(tmp_path)])
+    t = train.Trainer(train.finish_config(cfg, world=1), train.Dist())
+    t.start()
+    for _ in range(2):
+        t.train_step()
+        t.step += 1
+    old, old_state = t.model, t.optimizer.state
+    t.grow(1)
+    new, state = t.model, t.optimizer.state
+    for j in range(6):
+        for p_new, p_old in zip(new.layers[j].parameters(), old.layers[j % 3].parameters()):
+            assert torch.equal(state[p_new]["exp_avg"], old_state[p_old]["exp_avg"])
+            assert state[p_new]["exp_avg"].data_ptr() != old_state[p_old]["exp_avg"].data_ptr()
+    assert torch.equal(state[new.tok_emb.weight]["exp_avg_sq"], old_state[old.tok_emb.weight]["exp_avg_sq"])
+
+
 def test_unreadable_or_foreign_checkpoint_is_named(tmp_path):
     import train
     garbage, foreign = tmp_path / "garbage.pt", tmp_path / "foreign.pt"
