@@ -1130,10 +1130,11 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, run_cache):
     with socket.socket() as s:  # a free port, so a busy fixed one cannot fail the test
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                    "train.py", *args, "--out", str(tmp_path / "ddp")], cwd=here, env=env, check=True, capture_output=True)
-    subprocess.run([sys.executable, "train.py", *args, "--micro-batch", "4", "--out", str(tmp_path / "one")],
-                   cwd=here, env=env, check=True, capture_output=True)
+    for cmd in (["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train.py", *args,
+                 "--out", str(tmp_path / "ddp")],
+                ["train.py", *args, "--micro-batch", "4", "--out", str(tmp_path / "one")]):
+        run = subprocess.run([sys.executable, *cmd], cwd=here, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ddp, one = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "one")
     assert sorted(ddp) == sorted(one) == list(range(1, 7))
     for step in one:
