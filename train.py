@@ -92,8 +92,8 @@ class TrainConfig:
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE_CHANGES = {"out", "device", "compile", "log_every", "eval_every", "save_every", "resume", "overwrite",
                      "stop_after", "cache_dir", "corpus"}
-# Fields that concern one invocation only: --resume never takes them from the checkpoint.
-INVOCATION_ONLY = {"out", "resume", "overwrite", "stop_after"}
+# Fields that concern one invocation or machine only: --resume never takes them from the checkpoint.
+INVOCATION_ONLY = {"out", "resume", "overwrite", "stop_after", "device"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,6 +261,7 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
 
 
 def run_dir(cfg: TrainConfig) -> str:
+    """--out, or runs/<method> when it is not given."""
     return cfg.out or os.path.join("runs", cfg.method)
 
 
