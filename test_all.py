@@ -1034,13 +1034,20 @@ def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, run_cache):
     assert os.path.exists(tmp_path / "broken" / "stage1_end.pt") and os.path.exists(tmp_path / "whole" / "val_loss.svg")
 
 
+def started_trainer(argv: list):
+    """A one-process Trainer for TINY_RUN + argv, started (model, optimizer and data ready) but not run."""
+    import train
+    cfg, _ = train.parse_args(TINY_RUN + argv)
+    t = train.Trainer(train.finish_config(cfg, world=1), train.Dist())
+    t.start()
+    return t
+
+
 def test_switch_resets_optimizer_keeps_lr_and_leaves_frozen_out(tmp_path, run_cache):
     import stack
     import train
-    cfg, _ = train.parse_args(TINY_RUN + ["--method", "mslt", "--steps", "10", "--cache-dir", run_cache, "--out", str(tmp_path)])
-    cfg = train.finish_config(cfg, world=1)
-    t = train.Trainer(cfg, train.Dist())
-    t.start()
+    t = started_trainer(["--method", "mslt", "--steps", "10", "--cache-dir", run_cache, "--out", str(tmp_path)])
+    cfg = t.cfg
     switch = t.schedule.switch_steps[0]
     lrs = []
     for _ in range(switch):
@@ -1064,11 +1071,8 @@ def test_switch_resets_optimizer_keeps_lr_and_leaves_frozen_out(tmp_path, run_ca
 def test_carry_moments_copies_moments_into_copied_layers(tmp_path, run_cache):
     """--carry-moments (ablation): after stacking 3 -> 6, layers j and j + 3 start with copies of old layer
     j's Adam moments, each its own tensor; embeddings keep theirs too."""
-    import train
-    cfg, _ = train.parse_args(TINY_RUN + ["--schedule", "3:2,6:2,12:2", "--steps", "6", "--carry-moments",
-                                          "--cache-dir", run_cache, "--out", str(tmp_path)])
-    t = train.Trainer(train.finish_config(cfg, world=1), train.Dist())
-    t.start()
+    t = started_trainer(["--schedule", "3:2,6:2,12:2", "--steps", "6", "--carry-moments", "--cache-dir", run_cache,
+                         "--out", str(tmp_path)])
     for _ in range(2):
         t.train_step()
         t.step += 1
