@@ -1043,6 +1043,28 @@ def started_trainer(argv: list):
     return t
 
 
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, run_cache, capsys):
+    """A step whose loss is NaN (weights blown up, as after a divergence) ends the run with exit code 1
+    before anything is saved: checkpoint.pt still holds step 2's finite weights."""
+    import train
+    t = started_trainer(["--steps", "6", "--save-every", "2", "--cache-dir", run_cache, "--out", str(tmp_path)])
+    real_step = t.train_step
+
+    def diverging_step():
+        if t.step == 3:
+            with torch.no_grad():
+                for p in t.model.parameters():
+                    p.fill_(float("nan"))
+        return real_step()
+
+    t.train_step = diverging_step
+    assert t.run() == 1
+    assert "loss is nan at step 4" in capsys.readouterr().out
+    ckpt = train.load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
 def test_switch_resets_optimizer_keeps_lr_and_leaves_frozen_out(tmp_path, run_cache):
     import stack
     import train
@@ -1130,11 +1152,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, run_cache):
     args = TINY_RUN + ["--method", "mslt", "--steps", "6", "--k", "2", "--dropout", "0", "--cache-dir", run_cache]
     here = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    import socket
-    with socket.socket() as s:  # a free port, so a busy fixed one cannot fail the test
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for cmd in (["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train.py", *args,
+    for cmd in (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
                  "--out", str(tmp_path / "ddp")],
                 ["train.py", *args, "--micro-batch", "4", "--out", str(tmp_path / "one")]):
         run = subprocess.run([sys.executable, *cmd], cwd=here, env=env, capture_output=True, text=True)
@@ -1450,6 +1468,23 @@ def test_checkpoint_errors(tmp_path):
         glue.load_backbone(path)
     with pytest.raises(glue.GlueError, match="not found"):
         glue.load_backbone(str(tmp_path / "missing.pt"))
+    good = str(tmp_path / "good.pt")
+    tiny_checkpoint(good, ["the cat sat on a mat"] * 3)
+    with open(good, "rb") as f:
+        head = f.read(1000)
+    with open(path, "wb") as f:  # a copy cut short, as by a full disk
+        f.write(head)
+    with pytest.raises(glue.GlueError, match="bad.pt is not a readable checkpoint"):
+        glue.load_backbone(path)
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["config"]["vocab_size"] = 10  # tokenizer larger than the model's embedding table
+    ckpt["model"] = bert.Bert(bert.BertConfig(**ckpt["config"])).state_dict()
+    torch.save(ckpt, path)
+    with pytest.raises(glue.GlueError, match="tokenizer has .* tokens but the model only 10"):
+        glue.load_backbone(path)
+    bert.save_hf(bert.Bert(bert.BertConfig(**ckpt["config"])), str(tmp_path / "hf"))
+    with pytest.raises(glue.GlueError, match="without our tokenizer; pass --tokenizer"):
+        glue.load_backbone(str(tmp_path / "hf"))
 
 
 def test_finetune_is_deterministic_per_seed(tmp_path, one_thread):
