@@ -1541,3 +1541,13 @@ def test_replicates_table_puts_runs_side_by_side(compare, tmp_path):
     lines = compare.replicates_table([str(tmp_path / "seed0"), str(tmp_path / "seed1")]).splitlines()
     assert lines[0].startswith("| run | seed0: vs baseline |") and "seed1: vs baseline" in lines[0]
     assert lines[3] == "| stack | -1.0% | 0.80 | 1.00x / 1.00x / 1.50x | +1.0% | 0.80 | 1.00x / 1.00x / never |"
+
+
+def test_finished_run_at_another_lr_is_not_reused(compare, tmp_path):
+    """A comparison adding runs to a folder whose finished runs used another rate stops, naming the flag."""
+    import train
+    torch.save({"format": train.CHECKPOINT_FORMAT, "version": train.CHECKPOINT_VERSION, "train_config": {"lr": 0.002}},
+               str(tmp_path / "checkpoint.pt"))
+    compare.check_same_lr(str(tmp_path), ["--method", "stack", "--optimizer", "adam", "--lr", "0.002"])
+    with pytest.raises(SystemExit, match="trained at lr 0.002, this comparison gives it 0.001; pass --lamb-lr 0.002"):
+        compare.check_same_lr(str(tmp_path), ["--method", "mslt", "--optimizer", "lamb", "--lr", "0.001"])
