@@ -379,7 +379,7 @@ def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise GlueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be truncated "
-                            f"or corrupt: give another one, e.g. a stage<i>_end.pt of the same run")
+                            f"or corrupt, e.g. by an interrupted copy: copy it again, or give another checkpoint")
         missing = [k for k in ("model", "config", "tokenizer") if k not in ckpt]
         if missing:
             raise GlueError(f"{path} lacks {', '.join(missing)} (has {', '.join(sorted(ckpt))}); glue.py needs a "
