@@ -124,7 +124,7 @@ def run_state(run_dir: str) -> str:
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.exists(path):
         return "new"
-    ckpt = train.load_checkpoint(path)
+    ckpt = train.load_checkpoint(path, mmap=True)  # only the plain values are read
     return "done" if ckpt["step"] >= ckpt["train_config"]["steps"] else "partial"
 
 
