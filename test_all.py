@@ -1546,8 +1546,10 @@ def test_replicates_table_puts_runs_side_by_side(compare, tmp_path):
 def test_finished_run_at_another_lr_is_not_reused(compare, tmp_path):
     """A comparison adding runs to a folder whose finished runs used another rate stops, naming the flag."""
     import train
-    torch.save({"format": train.CHECKPOINT_FORMAT, "version": train.CHECKPOINT_VERSION, "train_config": {"lr": 0.002}},
-               str(tmp_path / "checkpoint.pt"))
-    compare.check_same_lr(str(tmp_path), ["--method", "stack", "--optimizer", "adam", "--lr", "0.002"])
+    torch.save({"format": train.CHECKPOINT_FORMAT, "version": train.CHECKPOINT_VERSION, "step": 5,
+                "train_config": {"lr": 0.002, "steps": 5}}, str(tmp_path / "checkpoint.pt"))
+    state, saved = compare.run_state(str(tmp_path))
+    assert state == "done" and compare.run_state(str(tmp_path / "absent")) == ("new", None)
+    compare.check_same_lr(str(tmp_path), saved, ["--method", "stack", "--optimizer", "adam", "--lr", "0.002"])
     with pytest.raises(SystemExit, match="trained at lr 0.002, this comparison gives it 0.001; pass --lamb-lr 0.002"):
-        compare.check_same_lr(str(tmp_path), ["--method", "mslt", "--optimizer", "lamb", "--lr", "0.001"])
+        compare.check_same_lr(str(tmp_path), saved, ["--method", "mslt", "--optimizer", "lamb", "--lr", "0.001"])

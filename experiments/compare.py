@@ -119,31 +119,30 @@ def train_args(a, name: str, flags: list) -> list:
     return args + flags + a.extra.split()
 
 
-def run_state(run_dir: str) -> str:
-    """'done', 'partial' (resume it) or 'new'."""
+def run_state(run_dir: str) -> tuple:
+    """('done', 'partial' (resume it) or 'new'; the run's saved train_config, None when new)."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.exists(path):
-        return "new"
+        return "new", None
     ckpt = train.load_checkpoint(path, mmap=True)  # only the plain values are read
-    return "done" if ckpt["step"] >= ckpt["train_config"]["steps"] else "partial"
+    return ("done" if ckpt["step"] >= ckpt["train_config"]["steps"] else "partial"), ckpt["train_config"]
 
 
-def check_same_lr(run_dir: str, flags: list):
-    """Refuse to reuse a finished run trained at another learning rate than this comparison gives it:
-    the new runs would be compared against it as if both had the same rate."""
+def check_same_lr(run_dir: str, saved: dict, flags: list):
+    """Refuse to reuse a finished run (its `saved` train_config) trained at another learning rate than
+    this comparison gives it: the new runs would be compared against it as if both had the same rate."""
     lr = float(flags[flags.index("--lr") + 1])
-    trained = train.load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), mmap=True)["train_config"]["lr"]
-    if trained != lr:
+    if saved["lr"] != lr:
         flag = "--lamb-lr" if "lamb" in flags else "--lr"
-        raise SystemExit(f"error: {run_dir} was trained at lr {trained:g}, this comparison gives it {lr:g}; "
-                         f"pass {flag} {trained:g} to add runs to it, or use another --out")
+        raise SystemExit(f"error: {run_dir} was trained at lr {saved['lr']:g}, this comparison gives it {lr:g}; "
+                         f"pass {flag} {saved['lr']:g} to add runs to it, or use another --out")
 
 
 def run(a, name: str, flags: list):
     """Train one run to its end: skipped when finished, resumed when interrupted."""
-    state = run_state(os.path.join(a.out, name))
+    state, saved = run_state(os.path.join(a.out, name))
     if state == "done":
-        check_same_lr(os.path.join(a.out, name), flags)
+        check_same_lr(os.path.join(a.out, name), saved, flags)
         print(f"== {name}: finished earlier, skipped")
         return
     launcher = [sys.executable] if a.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}"]
