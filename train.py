@@ -154,34 +154,52 @@ class Lamb(torch.optim.Optimizer):
     scaled per tensor by the trust ratio ||w|| / ||update|| (1 when either norm is 0).
 
     Groups with trust=False (biases, LayerNorm) get the plain Adam update, no trust ratio. Gradient
-    clipping is the training loop's job (`clip_grad_norm_` before every optimizer step). The trust ratio
-    stays a device tensor: no host synchronisation per parameter on a GPU.
+    clipping is the training loop's job (`clip_grad_norm_` before every optimizer step).
+
+    A step is a few multi-tensor operations over each group, with no host synchronisation:
+    1. u = r + λw, r = m^ / (sqrt(v^) + eps). torch's fused AdamW kernel updates m and v and moves its
+       "parameter" x by x <- x (1 - lr wd) - lr r in one pass; run on a scratch copy x = w with lr = -1
+       and wd = λ - 1, that is x <- λw + r = u.
+    2. The trust ratio from per-tensor norms (torch._foreach_norm), kept on the device.
+    3. w <- w - lr trust u.
+    The scratch tensors (one per parameter) are not optimizer state: they are not saved.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust=True))
+        self.scratch = {}  # parameter -> a tensor like it, for u
 
     @torch.no_grad()
     def step(self, closure=None):
         for g in self.param_groups:
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self.init_state(p) for p in params]
+            steps = [s["step"] for s in states]
+            torch._foreach_add_(steps, 1)  # t
+            u = [self.scratch.setdefault(p, torch.empty_like(p)) for p in params]
+            torch._foreach_copy_(u, params)
             beta1, beta2 = g["betas"]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                state["step"] += 1
-                t = state["step"].item()  # a CPU tensor: no device sync
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)  # m_t
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)  # v_t
-                update = (m / (1 - beta1 ** t)).div_((v / (1 - beta2 ** t)).sqrt_().add_(g["eps"]))  # m^ / (sqrt(v^) + eps)
-                update.add_(p, alpha=g["weight_decay"])
-                if g["trust"]:
-                    w_norm, u_norm = p.norm(), update.norm()
-                    update.mul_(torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0))
-                p.sub_(update, alpha=g["lr"])
+            torch._fused_adamw_(u, [p.grad for p in params], [s["exp_avg"] for s in states],
+                                [s["exp_avg_sq"] for s in states], [], steps, lr=-1.0, beta1=beta1, beta2=beta2,
+                                weight_decay=g["weight_decay"] - 1.0, eps=g["eps"], amsgrad=False, maximize=False)
+            if not g["trust"]:
+                torch._foreach_add_(params, u, alpha=-g["lr"])
+                continue
+            w_norm, u_norm = (torch.stack(torch._foreach_norm(x)) for x in (params, u))
+            trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
+            torch._foreach_addcmul_(params, u, list((-g["lr"] * trust).unbind()))
+
+    def init_state(self, p) -> dict:
+        """Zero moments and step count at the first step; the step count lives where p does (the fused
+        kernel reads it there), also after loading a checkpoint that kept it on the CPU."""
+        state = self.state[p]
+        if not state:
+            state.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
+                         exp_avg_sq=torch.zeros_like(p))
+        state["step"] = state["step"].to(p.device, torch.float32)
+        return state
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
