@@ -76,7 +76,7 @@ class BertOutput:
     loss: Optional[torch.Tensor]  # mlm_loss + nsp_loss (of those whose labels were given), else None
     mlm_loss: Optional[torch.Tensor]  # mean cross-entropy over labelled positions, None without mlm_labels
     nsp_loss: Optional[torch.Tensor]  # mean cross-entropy of the 2-way NSP head, None without nsp_labels
-    mlm_logits: torch.Tensor  # (B, T, V) without mlm_labels; (N, V) at the N labelled positions with them
+    mlm_logits: torch.Tensor  # (B, T, V) without mlm_labels; (B, P, V) at the P mlm_positions of each row with them
     nsp_logits: torch.Tensor  # (B, 2); class 0 = "B follows A"
 
 
@@ -95,13 +95,16 @@ class SelfAttention(nn.Module):
         self.attn_dropout = c.attn_dropout
 
     def forward(self, x, keep, need_weights: bool = False):
-        """x: (B, T, D); keep: (B, 1, 1, T) bool, True at real tokens. Returns (output, probs or None)."""
+        """x: (B, T, D); keep: (B, 1, 1, T) bool, True at real tokens, or None when no token is padding (no
+        mask lets SDPA pick the flash kernel). Returns (output, probs or None)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
         p_drop = self.attn_dropout if self.training else 0.0
         if need_weights:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
-            probs = scores.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+            if keep is not None:
+                scores = scores.masked_fill(~keep, float("-inf"))
+            probs = scores.softmax(dim=-1)
             y = F.dropout(probs, p_drop, self.training) @ v  # (B, nh, T, hs)
         else:
             probs = None
@@ -173,16 +176,16 @@ class Bert(nn.Module):
     def encode(self, input_ids, token_type_ids=None, attention_mask=None, need_weights: bool = False):
         """Run embeddings and encoder. Returns (hidden (B, T, D), pooled (B, D), list of per-layer probs).
 
-        The list is empty unless `need_weights`, in which case each entry is (B, n_head, T, T).
+        The list is empty unless `need_weights`, in which case each entry is (B, n_head, T, T). Without an
+        `attention_mask` no position is padding and attention runs unmasked (the same numbers as an all-ones
+        mask, and SDPA may use the flash kernel).
         """
         B, T = input_ids.shape
         if T > self.config.max_position:
             raise ValueError(f"input length {T} exceeds max_position={self.config.max_position}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        keep = attention_mask.bool().view(B, 1, 1, T)  # the one place the padding mask is built
+        keep = None if attention_mask is None else attention_mask.bool().view(B, 1, 1, T)  # the one place the padding mask is built
         pos = torch.arange(T, device=input_ids.device)
         x = self.tok_emb(input_ids) + self.pos_emb(pos) + self.seg_emb(token_type_ids)  # (B, T, D)
         x = self.emb_drop(self.emb_ln(x))
@@ -200,19 +203,28 @@ class Bert(nn.Module):
         h = self.mlm_ln(F.gelu(self.mlm_dense(h)))
         return F.linear(h, self.tok_emb.weight, self.mlm_bias)
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None, mlm_labels=None, nsp_labels=None):
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, mlm_labels=None, nsp_labels=None,
+                mlm_positions=None):
         """Pre-training forward pass. With `mlm_labels` ((B, T), IGNORE where not predicted) the MLM head
         runs only at the labelled positions (~15%): at small hidden sizes the vocabulary projection is most
-        of the FLOPs, so this is the largest single speed-up over computing it everywhere."""
+        of the FLOPs, so this is the largest single speed-up over computing it everywhere.
+
+        `mlm_positions` (B, P) names those positions, padded with positions whose label is IGNORE (such
+        as 0, the [CLS]); data.Batches gives it with a fixed P, so that the step has fixed shapes and never
+        waits for the device. Without it the positions are read from the labels, which waits for them.
+        """
         h, pooled, _ = self.encode(input_ids, token_type_ids, attention_mask)
         nsp_logits = self.nsp(pooled)
         mlm_loss = nsp_loss = None
         if mlm_labels is None:
             mlm_logits = self.mlm_head(h)  # (B, T, V)
         else:
-            labelled = mlm_labels != IGNORE
-            mlm_logits = self.mlm_head(h[labelled])  # (N, V)
-            mlm_loss = F.cross_entropy(mlm_logits.float(), mlm_labels[labelled])
+            if mlm_positions is None:
+                mlm_positions = labelled_positions(mlm_labels)
+            picked = h.gather(1, mlm_positions.unsqueeze(-1).expand(-1, -1, h.size(-1)))  # (B, P, D)
+            mlm_logits = self.mlm_head(picked)  # (B, P, V)
+            targets = mlm_labels.gather(1, mlm_positions)  # (B, P), IGNORE in the padding
+            mlm_loss = F.cross_entropy(mlm_logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
         if nsp_labels is not None:
             nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
         losses = [l for l in (mlm_loss, nsp_loss) if l is not None]
@@ -223,6 +235,15 @@ class Bert(nn.Module):
     def attention_maps(self, input_ids, token_type_ids=None, attention_mask=None):
         """Per layer, the (B, n_head, T, T) attention probabilities (explicit softmax, same weights)."""
         return self.encode(input_ids, token_type_ids, attention_mask, need_weights=True)[2]
+
+
+def labelled_positions(mlm_labels):
+    """(B, P) positions of each row's labelled tokens, in order, P = the most labels in a row; shorter rows
+    are padded with unlabelled positions. labelled_positions([[-100, 7, -100, 9], [5, -100, -100, -100]])
+    == [[1, 3], [0, 1]]. Reading P waits for the device: the training loop takes them from the data."""
+    labelled = mlm_labels != IGNORE
+    n = int(labelled.sum(1).max())
+    return labelled.int().argsort(dim=1, descending=True, stable=True)[:, :n]
 
 
 def init_weights(module):

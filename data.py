@@ -601,7 +601,9 @@ class Batches:
        prob 0.5 consecutive sentences from a random start in another document (label 1);
     4. the longer of A and B is cut one token at a time, at a random end, until the pair fits;
     5. MLM: round(15%) of A and B's tokens (at least 1) are chosen; 80% -> [MASK], 10% -> a random
-       ordinary token, 10% unchanged; labels hold the original ids there and IGNORE elsewhere.
+       ordinary token, 10% unchanged; labels hold the original ids there and IGNORE elsewhere, and
+       mlm_positions lists the chosen positions in order, padded with 0 to a fixed `max_predictions`
+       (BERT's max_predictions_per_seq), so the model gathers them with no data-dependent shape.
     """
 
     def __init__(self, split: Split, tokenizer: Tokenizer, seq_len: int, seed: int, mlm_prob: float = 0.15,
@@ -612,6 +614,7 @@ class Batches:
             raise DataError(f"seq_len={seq_len} is too short: [CLS] A [SEP] B [SEP] needs at least 8")
         self.split, self.vocab_size, self.seq_len, self.seed = split, tokenizer.vocab_size, seq_len, seed
         self.mlm_prob, self.short_seq_prob = mlm_prob, short_seq_prob
+        self.max_predictions = max(1, int(round((seq_len - 3) * mlm_prob)))  # _example's n_pred at most
         # sentence -> its document, for O(1) lookups
         self.doc_of = np.repeat(np.arange(split.num_docs), np.diff(split.doc_starts))
         self.starts = np.asarray(split.sent_starts)
@@ -645,8 +648,8 @@ class Batches:
         rs, r_end = self._window(rs, max(1, target - len(a)), 1, r)
         return a, tokens[starts[rs]:starts[r_end]], True
 
-    def _example(self, e: int, ids, types, labels) -> int:
-        """Fill row buffers (T,) with example e; return its NSP label."""
+    def _example(self, e: int, ids, types, labels, positions) -> int:
+        """Fill row buffers (T,) and positions (max_predictions,) with example e; return its NSP label."""
         rng = np.random.default_rng([self.seed, e])
         a, b, is_random = self._pair(rng)
         la, lb = truncate_lengths(len(a), len(b), self.seq_len - 3)
@@ -659,6 +662,7 @@ class Batches:
         n_pred = max(1, int(round(len(candidates) * self.mlm_prob)))
         chosen = rng.permutation(candidates)[:n_pred]
         labels[chosen] = ids[chosen]
+        positions[:n_pred] = np.sort(chosen)
         action = rng.random(n_pred)
         ids[chosen[action < 0.8]] = MASK
         random_pos = chosen[action >= 0.9]
@@ -666,14 +670,16 @@ class Batches:
         return int(is_random)
 
     def get(self, example_ids: Sequence[int]) -> dict:
-        """Batch of the given examples: input_ids, token_type_ids, attention_mask, mlm_labels (B, T), nsp_labels (B,)."""
+        """Batch of the given examples: input_ids, token_type_ids, attention_mask, mlm_labels (B, T),
+        nsp_labels (B,), mlm_positions (B, max_predictions)."""
         n, T = len(example_ids), self.seq_len
         ids, types = np.full((n, T), PAD, np.int64), np.zeros((n, T), np.int64)
         labels, nsp = np.full((n, T), IGNORE, np.int64), np.zeros(n, np.int64)
+        positions = np.zeros((n, self.max_predictions), np.int64)
         for row, e in enumerate(example_ids):
-            nsp[row] = self._example(int(e), ids[row], types[row], labels[row])
+            nsp[row] = self._example(int(e), ids[row], types[row], labels[row], positions[row])
         batch = dict(input_ids=ids, token_type_ids=types, attention_mask=(ids != PAD).astype(np.int64),
-                     mlm_labels=labels, nsp_labels=nsp)
+                     mlm_labels=labels, nsp_labels=nsp, mlm_positions=positions)
         return {k: torch.from_numpy(v) for k, v in batch.items()}
 
     def for_step(self, step: int, global_batch: int, rank: int = 0, world_size: int = 1, micro: int = 0,

@@ -134,17 +134,36 @@ def test_explicit_attention_path_matches_fast_path(pre_norm):
         assert torch.all(m.masked_select(pad.view(B, 1, 1, T)) == 0)  # no weight on padded keys
 
 
-def test_sparse_mlm_equals_dense_head():
-    """The loss from the head run at labelled positions only equals the head over every position."""
+def padded_positions(labels, n: int):
+    """(B, n) labelled positions of each row in order, padded with 0 ([CLS], never labelled), as data.Batches gives them."""
+    out = torch.zeros(len(labels), n, dtype=torch.long)
+    for row, label_row in enumerate(labels):
+        where = (label_row != IGNORE).nonzero().flatten()
+        out[row, :len(where)] = where
+    return out
+
+
+@pytest.mark.parametrize("positions", ["read from the labels", "given, padded"])
+def test_sparse_mlm_equals_dense_head(positions):
+    """The loss from the head run at labelled positions only (gathered by index, from the labels or from
+    fixed-size padded mlm_positions) equals the head over every position, and the boolean-index loss."""
     model = small_model()
     batch = random_batch()
+    labels = batch["mlm_labels"].clone()
+    labels[:, 0] = IGNORE  # position 0 is [CLS], never labelled: the padding of mlm_positions
+    batch["mlm_labels"] = labels
+    if positions == "given, padded":
+        batch = dict(batch, mlm_positions=padded_positions(labels, labels.shape[1] // 2 + 2))
     with torch.no_grad():
         out = model(**batch)
         full = model(**{k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")})
-    labels = batch["mlm_labels"]
+        h, _, _ = model.encode(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
     dense = torch.nn.functional.cross_entropy(full.mlm_logits.view(-1, SMALL["vocab_size"]), labels.view(-1), ignore_index=IGNORE)
     torch.testing.assert_close(out.mlm_loss, dense)
-    torch.testing.assert_close(out.mlm_logits, full.mlm_logits[labels != IGNORE])
+    boolean = torch.nn.functional.cross_entropy(model.mlm_head(h[labels != IGNORE]), labels[labels != IGNORE])
+    torch.testing.assert_close(out.mlm_loss, boolean)
+    targets = labels.gather(1, batch.get("mlm_positions", bert.labelled_positions(labels)))
+    torch.testing.assert_close(out.mlm_logits[targets != IGNORE], full.mlm_logits[labels != IGNORE])
     nsp = torch.nn.functional.cross_entropy(full.nsp_logits, batch["nsp_labels"])
     torch.testing.assert_close(out.loss, dense + nsp)
 

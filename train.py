@@ -18,6 +18,8 @@ the end of each stage, before growth), `log.jsonl` (one record per log step and 
 """
 
 import argparse
+import collections.abc
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -118,19 +120,26 @@ def setup_distributed(device: str) -> Dist:
     d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     if device == "cuda":
         torch.cuda.set_device(d.local_rank)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        dist.init_process_group("nccl", device_id=torch.device("cuda", d.local_rank))  # binds NCCL to the GPU at once
+    else:
+        dist.init_process_group("gloo")
     return d
+
+
+def all_reduce_mean_(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Average a tensor over ranks in place, queued on its device without waiting for it (NCCL: a CUDA tensor)."""
+    if d.world > 1:
+        dist.all_reduce(t)
+        t /= d.world
+    return t
 
 
 def all_reduce_mean(values: list, d: Dist) -> list:
     """Average a list of floats over ranks (logged numbers are the same on every rank)."""
     if d.world == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return (t / d.world).tolist()
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return all_reduce_mean_(torch.tensor(values, dtype=torch.float64, device=device), d).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,6 +232,20 @@ def adamw(groups: list, **kwargs) -> torch.optim.AdamW:
 def autocast(device: torch.device, dtype: str):
     """bf16 autocast when --dtype bf16, else a no-op context; weights and optimizer stay float32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def default_dtype(device: str) -> str:
+    """bf16 on a GPU that computes in bf16 natively (Ampere and later), else float32: on older GPUs
+    torch emulates bf16, slower than float32."""
+    native = device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bf16" if native else "float32"
+
+
+def use_tf32(device: str):
+    """On CUDA, float32 matmuls run on the TF32 tensor cores (float32 range, 10-bit mantissa inputs,
+    float32 sums): what bf16 autocast leaves in float32 runs ~8x faster than in full float32 on A100/H100."""
+    if device == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
 
 
 def get_lr(step: int, cfg: TrainConfig, stage_start: int) -> float:
@@ -399,6 +422,77 @@ def plot_runs(run_dirs: list, path: str):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Feeding the device: batches built ahead on a thread, statistics read without waiting.
+
+
+def host_batch(batch: dict, pin: bool) -> dict:
+    """A batch ready to be copied to the device. Without padding it loses its attention mask, decided here
+    on the host, so that attention runs unmasked (SDPA may then pick the flash kernel); with `pin` (CUDA)
+    its tensors are in pinned memory, so that the copy runs asynchronously."""
+    if batch["attention_mask"].all():
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+    return {k: v.pin_memory() for k, v in batch.items()} if pin else batch
+
+
+class Prefetcher:
+    """The coming steps' batches, built on a background thread while the device runs the current step.
+
+    `get(step)` returns exactly `build(step)`, a pure function of the step, whether it was built ahead or
+    not: a resumed run, or a test calling steps out of order, gets the same batches. Up to `ahead` later
+    steps (below `end`) are queued behind it."""
+
+    def __init__(self, build, end: int, ahead: int = 2):
+        self.build, self.end, self.ahead = build, end, ahead
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+        self.queued = {}  # step -> Future
+
+    def get(self, step: int):
+        for s in [s for s in self.queued if s < step or s > step + self.ahead]:  # after a jump: not needed
+            self.queued.pop(s).cancel()
+        for s in range(step, min(step + self.ahead + 1, self.end)):
+            if s not in self.queued:
+                self.queued[s] = self.pool.submit(self.build, s)
+        future = self.queued.pop(step, None)
+        return future.result() if future else self.build(step)
+
+
+STAT_NAMES = ("loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc", "grad_norm")
+
+
+class StepStats(collections.abc.Mapping):
+    """A training step's logged numbers ({name: float} plus lr), computed on the device.
+
+    They are copied to the host as soon as the step is queued, without waiting (pinned memory, an event
+    on CUDA), and read when first looked at: the training loop looks one step late, when the copy has long
+    finished, or at log and save steps. So no step waits for the device to drain its queue."""
+
+    def __init__(self, step: int, values: torch.Tensor, lr: float):
+        self.step, self.lr, self.values = step, lr, None  # step: the count of steps done, as the loop says it
+        self.host, self.ready = values, None
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def read(self) -> dict:
+        if self.values is None:
+            if self.ready is not None:
+                self.ready.synchronize()  # waits for this copy only, not for the steps queued after it
+            self.values = dict(zip(STAT_NAMES, self.host.tolist()), lr=self.lr)
+        return self.values
+
+    def __getitem__(self, name: str) -> float:
+        return self.read()[name]
+
+    def __iter__(self):
+        return iter(self.read())
+
+    def __len__(self) -> int:
+        return len(STAT_NAMES) + 1
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The training run.
 
 
@@ -417,8 +511,11 @@ class Trainer:
         self.valid_batches = data.Batches(self.prepared.valid, tok, cfg.seq_len, seed=cfg.data_seed + 1)
         self.micro = cfg.micro_batch or cfg.batch_size // d.world
         self.n_micro = cfg.batch_size // (d.world * self.micro)
+        self.prefetch = Prefetcher(self.step_batches, end=cfg.steps)
+        use_tf32(cfg.device)
         self.stop_signal = 0  # set by the SIGTERM/SIGINT handler
         self.last_val_step = -1
+        self.compile_pending = False  # a model installed under --compile that has not been compiled yet
 
     # -- model and optimizer -------------------------------------------------------------------------------
 
@@ -429,7 +526,9 @@ class Trainer:
 
     def set_model(self, model: bert.Bert, stage: int, step: int, old_model=None, sources=None):
         """Install a model for `stage`: move it to the device, build the fresh optimizer, wrap it in DDP
-        (which then synchronises only the trainable parameters) and, if asked, compile it."""
+        (which then synchronises only the trainable parameters) and, if asked, compile it: with dynamo's
+        caches emptied first, so that each stage compiles its own model once, and earlier stages' graphs
+        never count toward the recompile limit (beyond which dynamo silently runs eager)."""
         old_opt = getattr(self, "optimizer", None)
         self.model, self.stage = model.to(self.device), stage
         self.stage_start = self.schedule.stage_at(step)[1]
@@ -439,7 +538,10 @@ class Trainer:
         wrapped = model
         if self.d.world > 1:
             wrapped = DDP(model, device_ids=[self.d.local_rank] if self.device.type == "cuda" else None)
-        self.wrapped = torch.compile(wrapped) if self.cfg.compile else wrapped
+        if self.cfg.compile:
+            torch._dynamo.reset()
+            wrapped = torch.compile(wrapped)
+        self.wrapped, self.compile_pending = wrapped, self.cfg.compile
 
     def start(self):
         """Fresh model for stage 0, or everything from the latest checkpoint."""
@@ -496,29 +598,57 @@ class Trainer:
         if self.d.master:
             save_checkpoint(path or os.path.join(self.out, "checkpoint.pt"), self.checkpoint_state())
 
+    def compile_stage(self):
+        """Compile a model just installed under --compile before its first timed step, so that compile
+        time never lands in `wall` (MSLT compiles five models, the baseline one): forward and backward of
+        this step's first micro-batch with and without an attention mask (batches with and without
+        padding take different graphs), nothing updated. Its time is logged as `compile_s`. Validation
+        compiles its graph when it first runs, outside `wall` anyway."""
+        t0 = time.perf_counter()
+        self.model.train()
+        batch = self.train_batches.for_step(self.step, self.cfg.batch_size, self.d.rank, self.d.world, 0, self.n_micro)
+        for variant in (batch, {k: v for k, v in batch.items() if k != "attention_mask"}):
+            self.forward(variant)[0].loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.compile_pending = False
+        seconds = time.perf_counter() - t0
+        self.log({"compile_s": round(seconds, 3)})
+        self.print(f"step {self.step}: compiled the {self.model.config.n_layer}-layer model in {seconds:.1f} s "
+                   f"(not counted in the training wall time)")
+
     # -- steps ---------------------------------------------------------------------------------------------
 
+    def step_batches(self, step: int) -> list:
+        """This rank's micro-batches of `step`, ready for the device (built ahead by self.prefetch)."""
+        return [host_batch(self.train_batches.for_step(step, self.cfg.batch_size, self.d.rank, self.d.world, m,
+                                                       self.n_micro), pin=self.device.type == "cuda")
+                for m in range(self.n_micro)]
+
     def forward(self, batch: dict):
+        """Loss and the 5 logged statistics of one micro-batch, all on the device: nothing here waits for it."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with autocast(self.device, self.cfg.dtype):
             out = self.wrapped(**batch)
-        labels = batch["mlm_labels"][batch["mlm_labels"] != bert.IGNORE]
-        mlm_acc = (out.mlm_logits.argmax(-1) == labels).float().mean()
+        targets = batch["mlm_labels"].gather(1, batch["mlm_positions"])  # (B, P), IGNORE in the padding
+        labelled = targets != bert.IGNORE
+        mlm_acc = ((out.mlm_logits.argmax(-1) == targets) & labelled).sum() / labelled.sum()
         nsp_acc = (out.nsp_logits.argmax(-1) == batch["nsp_labels"]).float().mean()
         return out, torch.stack([out.loss.detach(), out.mlm_loss.detach(), out.nsp_loss.detach(), mlm_acc, nsp_acc]).float()
 
-    def train_step(self) -> dict:
+    def train_step(self) -> StepStats:
         """One optimizer step over the global batch: micro-batches with gradient accumulation, DDP
         all-reduce on the last one, clipping, learning rate for this step. Dropout is seeded by
-        (seed, step, rank), so a resumed run draws exactly the masks the uninterrupted run would."""
+        (seed, step, rank), so a resumed run draws exactly the masks the uninterrupted run would.
+        Nothing waits for the device: the statistics come back as StepStats, read later."""
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.step * 101 + self.d.rank)
         self.model.train()
         lr = get_lr(self.step, self.cfg, self.stage_start)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        stats = torch.zeros(5, device=self.device)  # summed on the device: one host sync per step, not per micro-batch
-        for m in range(self.n_micro):
-            batch = self.train_batches.for_step(self.step, self.cfg.batch_size, self.d.rank, self.d.world, m, self.n_micro)
+        stats = torch.zeros(5, device=self.device)  # summed on the device
+        for m, batch in enumerate(self.prefetch.get(self.step)):
             sync = m == self.n_micro - 1 or self.d.world == 1  # DDP all-reduces on the last micro-batch only
             with contextlib.nullcontext() if sync else self.wrapped.no_sync():
                 out, s = self.forward(batch)
@@ -528,9 +658,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip if self.cfg.clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, mlm, nsp, mlm_acc, nsp_acc = all_reduce_mean(stats.tolist(), self.d)
-        return dict(loss=loss, mlm_loss=mlm, nsp_loss=nsp, mlm_acc=mlm_acc, nsp_acc=nsp_acc, lr=lr,
-                    grad_norm=float(grad_norm))
+        values = torch.cat([all_reduce_mean_(stats, self.d), grad_norm.float().view(1).to(self.device)])
+        return StepStats(self.step + 1, values, lr)
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -539,7 +668,7 @@ class Trainer:
         stats = torch.zeros(5, device=self.device)
         for i in range(self.cfg.eval_batches):
             batch = self.valid_batches.for_step(i, self.cfg.batch_size, self.d.rank, self.d.world)
-            stats += self.forward(batch)[1] / self.cfg.eval_batches
+            stats += self.forward(host_batch(batch, pin=False))[1] / self.cfg.eval_batches
         loss, mlm, nsp, mlm_acc, nsp_acc = all_reduce_mean(stats.tolist(), self.d)
         return dict(val_loss=loss, val_mlm_loss=mlm, val_nsp_loss=nsp, val_mlm_acc=mlm_acc, val_nsp_acc=nsp_acc)
 
@@ -560,6 +689,14 @@ class Trainer:
             append_jsonl(self.log_path, {"step": self.step, "stage": self.stage,
                                          "n_layer": self.model.config.n_layer, "wall": round(self.wall, 3), **record})
 
+    def diverged(self, r: Optional[StepStats]) -> bool:
+        """True, after saying so, when step r's loss is not finite: the run stops and saves nothing more."""
+        if r is None or math.isfinite(r["loss"]):
+            return False
+        self.print(f"error: loss is {r['loss']} at step {r.step}; stopping. The last good checkpoint "
+                   f"is {os.path.join(self.out, 'checkpoint.pt')}; try a lower --lr or --clip.")
+        return True
+
     def should_stop(self) -> bool:
         """SIGTERM/SIGINT on any rank stops every rank at the same step."""
         flag = [float(self.stop_signal > 0)]
@@ -573,21 +710,24 @@ class Trainer:
         self.print(reference_line(self.prepared))
         tokens_per_step = cfg.batch_size * cfg.seq_len
         window_wall, window_steps = self.wall, 0  # speed from training time only, like the plots' wall
+        r = None  # the last step's statistics (StepStats), read one step late or when needed
         while self.step < cfg.steps:
             stage, _ = self.schedule.stage_at(self.step)
             if stage != self.stage:
+                if self.diverged(r):
+                    return 1
                 if self.last_val_step != self.step:
                     self.log(self.validate())
                 self.grow(stage)
                 self.save()
+            if self.compile_pending:
+                self.compile_stage()
             t0 = time.perf_counter()
-            r = self.train_step()
+            late, r = r, self.train_step()
             self.wall += time.perf_counter() - t0
             self.step += 1
             window_steps += 1
-            if not math.isfinite(r["loss"]):
-                self.print(f"error: loss is {r['loss']} at step {self.step}; stopping. The last good checkpoint "
-                           f"is {os.path.join(self.out, 'checkpoint.pt')}; try a lower --lr or --clip.")
+            if self.diverged(late):
                 return 1
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 steps_per_s = window_steps / max(self.wall - window_wall, 1e-9)
@@ -602,6 +742,8 @@ class Trainer:
                            f"acc {v['val_mlm_acc']:.3f}, nsp acc {v['val_nsp_acc']:.3f}) | wall {fmt_time(self.wall)}")
             stop = self.should_stop()
             if self.step % cfg.save_every == 0 or self.step == cfg.steps or stop:
+                if self.diverged(r):
+                    return 1
                 self.save()
             if stop and self.step < cfg.steps:
                 self.print(f"stopped at step {self.step}; resume with: python train.py --resume --out {self.out}")
@@ -708,9 +850,7 @@ def parse_args(argv=None) -> tuple:
 def finish_config(cfg: TrainConfig, world: int) -> TrainConfig:
     """Fill defaults that depend on the machine, and check flags together; fail fast naming them."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    bf16_ok = device == "cuda" and torch.cuda.is_bf16_supported()
-    cfg = dataclasses.replace(cfg, device=device, dtype=cfg.dtype or ("bf16" if bf16_ok else "float32"),
-                              out=run_dir(cfg))
+    cfg = dataclasses.replace(cfg, device=device, dtype=cfg.dtype or default_dtype(device), out=run_dir(cfg))
     errors = []
     if device == "cuda" and not torch.cuda.is_available():
         errors.append("--device cuda: no CUDA device is available")
