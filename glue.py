@@ -36,7 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bert
 from data import DataError, Tokenizer, truncate_lengths
-from train import Dist, adamw, all_reduce_mean, autocast, fmt_time, param_groups, setup_distributed
+from train import (Dist, adamw, all_reduce_mean, autocast, default_dtype, fmt_time, param_groups, setup_distributed,
+                   use_tf32)
 
 DEFAULT_GLUE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "glue")
 
@@ -415,7 +416,10 @@ class FinetuneConfig:
     predict_test: bool = True  # also predict the test sets (needed for submissions)
     log_every: int = 50  # steps between progress lines
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where to train
-    dtype: str = "float32"  # float32 | bf16 (autocast for forward passes; weights and AdamW stay float32)
+    dtype: str = ""  # float32 | bf16 (autocast of forward passes; weights, AdamW float32); "": default_dtype(device)
+
+    def __post_init__(self):
+        self.dtype = self.dtype or default_dtype(self.device)  # bf16 on a GPU with native bf16, as train.py
 
     def settings(self, task: Task, backbone: Backbone) -> dict:
         """What a finished run's result depends on, besides lr and seed: resuming requires it to match."""
@@ -504,6 +508,7 @@ def finetune(task: Task, backbone: Backbone, data: dict, lr: float, seed: int, c
     """One (lr, seed) run from the backbone; returns its record: dev metrics, score, test predictions."""
     t0 = time.time()
     device = torch.device(f"cuda:{d.local_rank}" if cfg.device == "cuda" else cfg.device)
+    use_tf32(cfg.device)
     n_out = 1 if task.labels is None else len(task.labels)
     model = GlueModel(backbone.build(seed), n_out, backbone.tokenizer.pad_id).to(device)
     train_loss = train(model, task, data["train"], lr, seed, cfg, d)
@@ -659,8 +664,8 @@ def parse_args(argv=None) -> tuple:
     g.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps of linear warm-up")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay on matrices")
     g.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="training device")
-    g.add_argument("--dtype", default=d.dtype, choices=["float32", "bf16"], help="bf16: autocast (fast on "
-                   "GPUs and on CPUs with AVX-512 BF16 or AMX)")
+    g.add_argument("--dtype", default="", choices=["", "float32", "bf16"], help="bf16: autocast (fast on "
+                   "GPUs and on CPUs with AVX-512 BF16 or AMX); default bf16 on GPUs with native bf16, else float32")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="results folder (default: <checkpoint folder>/glue-<name>[-random]); with "
                                  "several checkpoints, one sub-folder each, named after the run (runs/stack/"

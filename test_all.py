@@ -134,6 +134,22 @@ def test_explicit_attention_path_matches_fast_path(pre_norm):
         assert torch.all(m.masked_select(pad.view(B, 1, 1, T)) == 0)  # no weight on padded keys
 
 
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_no_attention_mask_equals_an_all_ones_mask(pre_norm):
+    """attention_mask=None (what train.py passes for a batch without padding, so that SDPA may use the flash
+    kernel) gives the numbers of an all-ones mask, on the fast path and on the explicit one."""
+    model = small_model(pre_norm=pre_norm)
+    batch = {k: v[:1] for k, v in random_batch().items()}  # row 0 has no padding
+    ones = torch.ones_like(batch["input_ids"])
+    with torch.no_grad():
+        for need_weights in (False, True):
+            masked = model.encode(batch["input_ids"], batch["token_type_ids"], ones, need_weights=need_weights)
+            unmasked = model.encode(batch["input_ids"], batch["token_type_ids"], None, need_weights=need_weights)
+            for a, b in zip(masked[:2] + tuple(masked[2]), unmasked[:2] + tuple(unmasked[2])):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(**dict(batch, attention_mask=ones)).loss, model(**dict(batch, attention_mask=None)).loss)
+
+
 def padded_positions(labels, n: int):
     """(B, n) labelled positions of each row in order, padded with 0 ([CLS], never labelled), as data.Batches gives them."""
     out = torch.zeros(len(labels), n, dtype=torch.long)
@@ -613,6 +629,21 @@ def test_determinism_and_rank_shares(synthetic_split):
             assert torch.equal(torch.cat([p[k] for p in parts]), full[k]), (world, n_micro, k)
     with pytest.raises(DataError, match="not divisible"):
         batches.for_step(0, 10, world_size=4)
+
+
+def test_mlm_positions_index_the_labels(synthetic_split):
+    """mlm_positions lists each row's labelled positions in order, then pads with 0 ([CLS], never labelled)
+    to a fixed max_predictions; gathering the labels by it finds every label once."""
+    tok, split = synthetic_split
+    batches = data.Batches(split, tok, 64, seed=3)
+    batch = batches.get(range(300))
+    labels, positions = batch["mlm_labels"], batch["mlm_positions"]
+    assert positions.shape == (300, batches.max_predictions) == (300, round(61 * 0.15))
+    for row in range(300):
+        where = (labels[row] != IGNORE).nonzero().flatten()
+        assert torch.equal(positions[row, :len(where)], where) and (positions[row, len(where):] == 0).all()
+    assert (labels[:, 0] == IGNORE).all()
+    assert torch.equal(labels.gather(1, positions)[labels.gather(1, positions) != IGNORE], labels[labels != IGNORE])
 
 
 def test_batches_need_two_documents(synthetic_split):
@@ -1211,6 +1242,98 @@ def test_sigterm_saves_and_the_run_resumes(tmp_path, run_cache):
     whole, resumed = train_losses(tmp_path / "whole"), train_losses(cut)
     assert sorted(resumed) == list(range(1, 61))
     assert all(whole[s] == pytest.approx(resumed[s], rel=1e-6, abs=1e-6) for s in whole)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.py: the GPU step (checked on the CPU where it can be; the CUDA-only test is skipped without a GPU)
+
+
+def test_compile_trains_like_eager_and_compiles_once_per_stage(tmp_path, run_cache, monkeypatch):
+    """--compile on a stacking and an MSLT schedule gives eager's losses (dropout off), compiles each stage's
+    model once before its first step (a compile_s record per stage, outside `wall`), and never hits dynamo's
+    recompile limit (past it, later stages would silently run eager). Compiled with dynamo's "eager" backend:
+    inductor spends minutes compiling C++ on a CPU, while graphs, guards and recompiles are dynamo's either way."""
+    import functools
+    import logging
+    import train
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = warnings.append
+    logging.getLogger("torch._dynamo").addHandler(handler)  # torch's loggers do not propagate to the root
+    try:
+        for name, flags in (("stack", ["--schedule", "3:2,6:2,12:2", "--steps", "6"]),
+                            ("mslt", ["--method", "mslt", "--k", "2", "--steps", "6"])):
+            args = TINY_RUN + flags + ["--dropout", "0", "--cache-dir", run_cache]
+            assert train.main(args + ["--out", str(tmp_path / name)]) == 0
+            assert train.main(args + ["--out", str(tmp_path / f"{name}-compiled"), "--compile"]) == 0
+            eager, compiled = train_losses(tmp_path / name), train_losses(tmp_path / f"{name}-compiled")
+            assert sorted(eager) == sorted(compiled)
+            assert all(compiled[s] == pytest.approx(eager[s], rel=1e-4) for s in eager), (eager, compiled)
+            records = train.read_log(str(tmp_path / f"{name}-compiled"))
+            starts = [0] + train.make_schedule(train.parse_args(args)[0]).switch_steps
+            assert [r["step"] for r in records if "compile_s" in r] == starts
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+    assert not [w.getMessage() for w in warnings if "recompile" in w.getMessage()]
+
+
+def test_prefetched_batches_are_the_steps_batches(tmp_path, run_cache):
+    """Batches built ahead on the thread equal those built on the spot, in order, after a jump (a resume)
+    and backwards; a batch without padding loses its attention mask, one with padding keeps it."""
+    import train
+    t = started_trainer(["--steps", "10", "--micro-batch", "4", "--cache-dir", run_cache, "--out", str(tmp_path)])
+    for step in (0, 1, 2, 7, 8, 3):
+        got = t.prefetch.get(step)
+        assert len(got) == 2
+        for m, batch in enumerate(got):
+            direct = t.train_batches.for_step(step, 8, 0, 1, m, 2)
+            assert set(batch) | {"attention_mask"} == set(direct)
+            assert ("attention_mask" in batch) == bool((direct["attention_mask"] == 0).any())
+            assert all(torch.equal(v, direct[k]) for k, v in batch.items())
+    full = dict(t.train_batches.get(range(4)), attention_mask=torch.ones(4, 32, dtype=torch.long))
+    padded = dict(full, attention_mask=full["attention_mask"].clone())
+    padded["attention_mask"][2, -3:] = 0
+    assert "attention_mask" not in train.host_batch(full, pin=False)
+    assert torch.equal(train.host_batch(padded, pin=False)["attention_mask"], padded["attention_mask"])
+
+
+def test_bf16_is_the_default_only_where_native_and_tf32_only_on_cuda(monkeypatch):
+    """bf16 autocast is the default of train.py and glue.py on a GPU that has bf16 natively, not on one
+    that only emulates it, nor on a CPU; TF32 matmuls are switched on for CUDA only."""
+    import train
+    for native in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
+        assert train.default_dtype("cuda") == ("bf16" if native else "float32")
+        assert train.default_dtype("cpu") == "float32"
+        assert glue.FinetuneConfig(device="cuda").dtype == train.default_dtype("cuda")
+    assert glue.FinetuneConfig(device="cpu").dtype == "float32" and glue.FinetuneConfig(dtype="bf16").dtype == "bf16"
+    matmul, before = torch.backends.cuda.matmul, torch.backends.cuda.matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        train.use_tf32("cpu")
+        assert matmul.fp32_precision == "ieee"
+        train.use_tf32("cuda")
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_step_never_waits_for_the_gpu(tmp_path, run_cache):
+    """A whole training step (batches, forward, backward, clipping, LAMB) under sync debug mode "error":
+    any host-device synchronisation raises."""
+    t = started_trainer(["--steps", "4", "--micro-batch", "4", "--optimizer", "lamb", "--device", "cuda",
+                         "--cache-dir", run_cache, "--out", str(tmp_path)])
+    t.train_step()  # the first step allocates optimizer state
+    t.step += 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = t.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(stats["loss"])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ def autocast(device: torch.device, dtype_name: str):
 
 
 def make_batch(c: bert.BertConfig, batch: int, seq: int, device: torch.device, seed: int = 0) -> dict:
-    """Full-length sequences "[CLS] A [SEP] B [SEP]" with no padding, 15% MLM labels and NSP labels."""
+    """Full-length sequences "[CLS] A [SEP] B [SEP]" with 15% MLM labels and NSP labels, as bert.Bert takes
+    them in train.py: no padding, so no attention mask; the labelled positions as indices (mlm_positions)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, c.vocab_size, (batch, seq), generator=g)  # ordinary word pieces
     cut = torch.randint(seq // 4, 3 * seq // 4, (batch,), generator=g)  # where segment B begins
@@ -66,7 +67,8 @@ def make_batch(c: bert.BertConfig, batch: int, seq: int, device: torch.device, s
     labels = torch.where(chosen, ids, torch.full_like(ids, bert.IGNORE))
     ids = torch.where(chosen, torch.full_like(ids, 103), ids)  # [MASK] (BERT's 80/10/10 split is irrelevant here)
     nsp = torch.randint(0, 2, (batch,), generator=g)
-    out = dict(input_ids=ids, token_type_ids=segments, attention_mask=torch.ones_like(ids), mlm_labels=labels, nsp_labels=nsp)
+    out = dict(input_ids=ids, token_type_ids=segments, mlm_labels=labels, nsp_labels=nsp,
+               mlm_positions=bert.labelled_positions(labels))
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -108,9 +110,10 @@ class Runner:
     def loss(self):
         b = self.batch
         if self.name == "ours":
-            return self.model(b["input_ids"], b["token_type_ids"], b["attention_mask"], b["mlm_labels"], b["nsp_labels"]).loss
-        return self.model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"], attention_mask=b["attention_mask"],
-                          labels=b["mlm_labels"], next_sentence_label=b["nsp_labels"]).loss
+            return self.model(**b).loss
+        return self.model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],  # HF: its usual all-ones mask
+                          attention_mask=torch.ones_like(b["input_ids"]), labels=b["mlm_labels"],
+                          next_sentence_label=b["nsp_labels"]).loss
 
     def step(self, dtype_name: str):
         with autocast(self.device, dtype_name):
