@@ -25,6 +25,8 @@ from bert import IGNORE, Bert, BertConfig
 from data import DataError
 
 SMALL = dict(vocab_size=97, max_position=32, n_layer=3, n_head=4, d_model=32, d_ff=64)
+# A `device` parameter value that is skipped without a GPU: `pytest -k cuda` runs the CUDA subset.
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
 
 
 def random_batch(vocab=97, B=3, T=12, seed=0):
@@ -134,12 +136,13 @@ def test_explicit_attention_path_matches_fast_path(pre_norm):
         assert torch.all(m.masked_select(pad.view(B, 1, 1, T)) == 0)  # no weight on padded keys
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("pre_norm", [False, True])
-def test_no_attention_mask_equals_an_all_ones_mask(pre_norm):
+def test_no_attention_mask_equals_an_all_ones_mask(pre_norm, device):
     """attention_mask=None (what train.py passes for a batch without padding, so that SDPA may use the flash
     kernel) gives the numbers of an all-ones mask, on the fast path and on the explicit one."""
-    model = small_model(pre_norm=pre_norm)
-    batch = {k: v[:1] for k, v in random_batch().items()}  # row 0 has no padding
+    model = small_model(pre_norm=pre_norm).to(device)
+    batch = {k: v[:1].to(device) for k, v in random_batch().items()}  # row 0 has no padding
     ones = torch.ones_like(batch["input_ids"])
     with torch.no_grad():
         for need_weights in (False, True):
@@ -1006,13 +1009,14 @@ def lamb_by_the_paper(params, grads_per_step, lr, b1, b2, eps, wd, excluded):
     return w
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("with_exclusions", [True, False])
-def test_lamb_matches_the_paper(with_exclusions):
+def test_lamb_matches_the_paper(with_exclusions, device):
     import train
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64)),
-              torch.nn.Parameter(torch.randn(5, dtype=torch.float64)),
-              torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))]  # zero weight: trust ratio 1
+    params = [torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64, device=device)),
+              torch.nn.Parameter(torch.randn(5, dtype=torch.float64, device=device)),
+              torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64, device=device))]  # zero weight: trust ratio 1
     excluded = {1} if with_exclusions else set()
     groups = [{"params": [p for i, p in enumerate(params) if i not in excluded], "weight_decay": 0.01, "trust": True},
               {"params": [p for i, p in enumerate(params) if i in excluded], "weight_decay": 0.0, "trust": False}]
@@ -1023,9 +1027,10 @@ def test_lamb_matches_the_paper(with_exclusions):
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
-    expected = lamb_by_the_paper(start, steps, 0.01, 0.9, 0.999, 1e-6, 0.01, excluded)
+    expected = lamb_by_the_paper([p.cpu() for p in start], [[g.cpu() for g in s] for s in steps], 0.01, 0.9, 0.999,
+                                 1e-6, 0.01, excluded)
     for p, e in zip(params, expected):
-        torch.testing.assert_close(p.detach(), torch.from_numpy(e), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(p.detach().cpu(), torch.from_numpy(e), rtol=1e-10, atol=1e-12)
     assert not torch.equal(params[2].detach(), start[2])  # the zero tensor moved (trust ratio fell back to 1)
 
 
@@ -1248,15 +1253,13 @@ def test_sigterm_saves_and_the_run_resumes(tmp_path, run_cache):
 # train.py: the GPU step (checked on the CPU where it can be; the CUDA-only test is skipped without a GPU)
 
 
-def test_compile_trains_like_eager_and_compiles_once_per_stage(tmp_path, run_cache, monkeypatch):
+def test_compile_trains_like_eager_and_compiles_once_per_stage(tmp_path, run_cache):
     """--compile on a stacking and an MSLT schedule gives eager's losses (dropout off), compiles each stage's
     model once before its first step (a compile_s record per stage, outside `wall`), and never hits dynamo's
     recompile limit (past it, later stages would silently run eager). Compiled with dynamo's "eager" backend:
     inductor spends minutes compiling C++ on a CPU, while graphs, guards and recompiles are dynamo's either way."""
-    import functools
     import logging
     import train
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     warnings = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = warnings.append
@@ -1266,7 +1269,7 @@ def test_compile_trains_like_eager_and_compiles_once_per_stage(tmp_path, run_cac
                             ("mslt", ["--method", "mslt", "--k", "2", "--steps", "6"])):
             args = TINY_RUN + flags + ["--dropout", "0", "--cache-dir", run_cache]
             assert train.main(args + ["--out", str(tmp_path / name)]) == 0
-            assert train.main(args + ["--out", str(tmp_path / f"{name}-compiled"), "--compile"]) == 0
+            assert train.main(args + ["--out", str(tmp_path / f"{name}-compiled"), "--compile", "--compile-backend", "eager"]) == 0
             eager, compiled = train_losses(tmp_path / name), train_losses(tmp_path / f"{name}-compiled")
             assert sorted(eager) == sorted(compiled)
             assert all(compiled[s] == pytest.approx(eager[s], rel=1e-4) for s in eager), (eager, compiled)
@@ -1320,7 +1323,7 @@ def test_bf16_is_the_default_only_where_native_and_tf32_only_on_cuda(monkeypatch
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_training_step_never_waits_for_the_gpu(tmp_path, run_cache):
+def test_cuda_training_step_never_waits_for_the_device(tmp_path, run_cache):
     """A whole training step (batches, forward, backward, clipping, LAMB) under sync debug mode "error":
     any host-device synchronisation raises."""
     t = started_trainer(["--steps", "4", "--micro-batch", "4", "--optimizer", "lamb", "--device", "cuda",

@@ -82,6 +82,7 @@ class TrainConfig:
     device: str = ""  # cpu | cuda; default cuda when available
     dtype: str = ""  # float32 | bf16 (autocast); default bf16 where supported on CUDA, else float32
     compile: bool = False  # torch.compile the model (again after every growth)
+    compile_backend: str = "inductor"  # torch.compile backend (inductor; eager or aot_eager to debug dynamo)
     log_every: int = 10  # steps between progress lines
     eval_every: int = 50  # steps between validations (and always at each switch and at the end)
     eval_batches: int = 8  # validation batches of batch_size examples each
@@ -92,7 +93,7 @@ class TrainConfig:
 
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
-RESUMABLE_CHANGES = {"out", "device", "compile", "log_every", "eval_every", "save_every", "resume", "overwrite",
+RESUMABLE_CHANGES = {"out", "device", "compile", "compile_backend", "log_every", "eval_every", "save_every", "resume", "overwrite",
                      "stop_after", "cache_dir", "corpus"}
 # Fields that concern one invocation or machine only: --resume never takes them from the checkpoint.
 INVOCATION_ONLY = {"out", "resume", "overwrite", "stop_after", "device"}
@@ -540,7 +541,7 @@ class Trainer:
             wrapped = DDP(model, device_ids=[self.d.local_rank] if self.device.type == "cuda" else None)
         if self.cfg.compile:
             torch._dynamo.reset()
-            wrapped = torch.compile(wrapped)
+            wrapped = torch.compile(wrapped, backend=self.cfg.compile_backend)
         self.wrapped, self.compile_pending = wrapped, self.cfg.compile
 
     def start(self):
@@ -831,6 +832,8 @@ def parse_args(argv=None) -> tuple:
     g.add_argument("--device", default=d.device, choices=["", "cpu", "cuda"], help="default: cuda if available")
     g.add_argument("--dtype", default=d.dtype, choices=["", "float32", "bf16"], help="default: bf16 on capable CUDA, else float32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile-backend", default=d.compile_backend,
+                   help="torch.compile backend: inductor (fast code); eager or aot_eager compile in seconds, to debug")
     g.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress lines")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validations")
     g.add_argument("--eval-batches", type=int, default=d.eval_batches, help="validation batches")
