@@ -106,6 +106,7 @@ class Runner:
         self.name, self.model, self.batch, self.device = name, model.to(device).train(), batch, device
         kernel = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}[adamw]
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01, **kernel)  # same for both
+        self.step_memory = 0  # CUDA: the most memory a step allocated above what was allocated before it
 
     def loss(self):
         b = self.batch
@@ -125,11 +126,17 @@ class Runner:
 
     def time_steps(self, dtype_name: str, n: int) -> float:
         sync(self.device)
+        if self.device.type == "cuda":
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         for _ in range(n):
             self.step(dtype_name)
         sync(self.device)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if self.device.type == "cuda":
+            self.step_memory = max(self.step_memory, torch.cuda.max_memory_allocated(self.device) - before)
+        return seconds
 
 
 def build_pair(shape: str, batch_size: int, seq: int, device: torch.device, adamw: str) -> dict:
@@ -215,8 +222,11 @@ def main():
 
     peak = {d: max(v) for d, v in peaks.items()}
     print("\nmatmul peak (best of all rounds, n=%d): " % peak_n + ", ".join(f"{d} {peak[d] / 1e9:.0f} GFLOP/s" for d in dtypes))
-    print(f"\n| shape | dtype | batch x seq | ours tok/s | HF tok/s | speedup | ours MFU | HF MFU | best speedup |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\nstep memory: on CUDA, the peak allocated during a step above what was allocated before it (activations,\n"
+          "gradients, temporaries; weights and optimizer state excluded)")
+    print(f"\n| shape | dtype | batch x seq | ours tok/s | HF tok/s | speedup | ours MFU | HF MFU | best speedup | "
+          f"ours step memory | HF step memory |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s, d in configs:
         c, b = pairs[s]["config"], pairs[s]["batch"]
         tokens = b["input_ids"].numel()
@@ -226,7 +236,11 @@ def main():
         name = f"{c.n_layer}x{c.d_model}"
         print(f"| {name} | {d} | {b['input_ids'].shape[0]}x{args.seq} | {tokens / t_ours:,.0f} | {tokens / t_hf:,.0f} | "
               f"{speedup:.2f}x | {flops / t_ours / peak[d]:.1%} | {flops / t_hf / peak[d]:.1%} | "
-              f"{min(times[s, d, 'hf']) / min(times[s, d, 'ours']):.2f}x |")
+              f"{min(times[s, d, 'hf']) / min(times[s, d, 'ours']):.2f}x | {gib(pairs[s]['ours'])} | {gib(pairs[s]['hf'])} |")
+
+
+def gib(runner: Runner) -> str:
+    return f"{runner.step_memory / 2**30:.2f} GiB" if runner.device.type == "cuda" else "n/a"
 
 
 if __name__ == "__main__":
