@@ -17,6 +17,7 @@ backward stops at the first trainable layer: MSLT's speed comes from that alone.
 Run `python bert.py` for a tiny forward/backward smoke test and a parameter count of each preset.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -288,11 +289,18 @@ def save_hf(model: Bert, directory: str):
 
 def atomic_write(path: str, write):
     """Write a file by `write(binary file object)` into a temporary beside it, then rename it into place:
-    a crash leaves the old file or none, never half a file. Every file this project writes goes through here."""
+    a crash leaves the old file or none, never half a file. A failed write (disk full, say) removes the
+    temporary before the error goes on, so it cannot keep the disk full; a killed process's temporary is
+    left for train.remove_stale_temporaries, which finds it by the pid in its name."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 _SAFETENSORS_DTYPES = {

@@ -19,6 +19,7 @@ Every finished (task, lr, seed) run is saved as JSON under <out>/runs/, so an in
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -36,7 +37,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bert
 from data import DataError, Tokenizer, truncate_lengths
-from train import Dist, adamw, all_reduce_mean, autocast, fmt_time, param_groups, setup_distributed
+from train import (Dist, adamw, all_reduce_mean, autocast, fmt_time, locked_folder, param_groups, setup_distributed,
+                   unreadable)
 
 DEFAULT_GLUE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "glue")
 
@@ -137,6 +139,8 @@ def read_tsv(task: Task, path: str, layout: Layout, skip_bad_rows: bool = False)
         lines = f.read().split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline (CoLA's dev.tsv has none)
+    if not lines:
+        raise GlueError(f"{path} is empty; --glue-dir must hold the files download_glue_data.py wrote")
     n_fields = len(lines[0].rstrip("\r").split("\t")) if layout.header else layout.n_fields
     examples, skipped = [], 0
     for lineno, line in enumerate(lines[1:] if layout.header else lines, start=2 if layout.header else 1):
@@ -363,6 +367,26 @@ class Backbone:
         return model
 
 
+def backbone_parts(path: str, ckpt) -> tuple:
+    """(config, weights, tokenizer) of a loaded train.py checkpoint, checked to fit one another."""
+    if not isinstance(ckpt, dict):
+        raise GlueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint; glue.py needs a checkpoint "
+                        f"written by train.py, or a HuggingFace folder with --tokenizer")
+    missing = [k for k in ("model", "config", "tokenizer") if k not in ckpt]
+    if missing:
+        raise GlueError(f"{path} lacks {', '.join(missing)} (has {', '.join(sorted(map(str, ckpt)))}); glue.py "
+                        f"needs a checkpoint written by train.py, or a HuggingFace folder with --tokenizer")
+    try:
+        config = bert.BertConfig(**ckpt["config"])
+        result = bert.Bert(config).load_state_dict(ckpt["model"], strict=False)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise GlueError(f"{path}: weights do not fit its config ({str(e).strip().splitlines()[0]})") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise GlueError(f"{path}: weights do not fit its config; missing {result.missing_keys[:5]}, "
+                        f"unexpected {result.unexpected_keys[:5]}")
+    return config, ckpt["model"], Tokenizer.from_dict(ckpt["tokenizer"])
+
+
 def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional[str] = None) -> Backbone:
     """A train.py checkpoint (dict with model, config, tokenizer) or a HuggingFace BERT folder + tokenizer."""
     if os.path.isdir(path):
@@ -378,17 +402,9 @@ def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise GlueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be truncated "
-                            f"or corrupt, e.g. by an interrupted copy: copy it again, or give another checkpoint")
-        missing = [k for k in ("model", "config", "tokenizer") if k not in ckpt]
-        if missing:
-            raise GlueError(f"{path} lacks {', '.join(missing)} (has {', '.join(sorted(ckpt))}); glue.py needs a "
-                            f"checkpoint written by train.py, or a HuggingFace folder with --tokenizer")
-        config, state, tok = bert.BertConfig(**ckpt["config"]), ckpt["model"], Tokenizer.from_dict(ckpt["tokenizer"])
-        result = bert.Bert(config).load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise GlueError(f"{path}: weights do not fit its config; missing {result.missing_keys[:5]}, "
-                            f"unexpected {result.unexpected_keys[:5]}")
+            raise GlueError(f"{unreadable(path, e)}; if it was copied, e.g. by an interrupted copy, copy it again, "
+                            f"or give another checkpoint")
+        config, state, tok = backbone_parts(path, ckpt)
     if tok.vocab_size > config.vocab_size:
         raise GlueError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}")
     name = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
@@ -706,6 +722,8 @@ def out_dir(a, path: str) -> str:
 
 
 def main(argv=None) -> int:
+    """glue.py's command line; a mistake a user can make ends in one `error: ...` line (printed by rank 0
+    only under torchrun) and exit code 2."""
     a, tasks, cfg = parse_args(argv)
     try:
         if a.table:
@@ -715,26 +733,39 @@ def main(argv=None) -> int:
         if len(set(outs)) < len(outs):
             raise GlueError(f"--checkpoint: several checkpoints would share one results folder ({', '.join(outs)}); "
                             f"fine-tune them one at a time, each with its own --out")
-        d = setup_distributed(cfg.device)
-        for path, out in zip(a.checkpoint, outs):
-            backbone = load_backbone(path, a.random_init, a.tokenizer)
-            if cfg.max_seq_len > backbone.config.max_position:
-                raise GlueError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position "
-                                f"{backbone.config.max_position}")
-            print0(d, f"{backbone.label}: {bert.describe(backbone.build(0))} -> {out}")
-            for name in tasks:
-                run_task(TASKS[name], backbone, a.glue_dir, out, cfg, d, a.skip_bad_rows)
-        if d.master:
-            table = results_table(outs)
-            for out in outs:
-                atomic_write(os.path.join(out, "results.md"), results_table([out]))
-            print("\n" + table, end="")
-        if d.world > 1:
-            dist.destroy_process_group()
-        return 0
-    except (GlueError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        with contextlib.ExitStack() as locks:
+            if int(os.environ.get("RANK", "0")) == 0:  # one process writes each results folder
+                for out in outs:
+                    locks.enter_context(locked_folder(out))
+            return finetune_all(a, tasks, cfg, outs)
+    except (GlueError, DataError, OSError, SystemExit) as e:
+        if isinstance(e, SystemExit) and not isinstance(e.code, str):
+            raise
+        message = e.code if isinstance(e, SystemExit) else f"error: {e}"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(message, file=sys.stderr)
         return 2
+
+
+def finetune_all(a, tasks: list, cfg: FinetuneConfig, outs: list) -> int:
+    """Every task of every --checkpoint into its results folder, then the results tables."""
+    d = setup_distributed(cfg.device)
+    for path, out in zip(a.checkpoint, outs):
+        backbone = load_backbone(path, a.random_init, a.tokenizer)
+        if cfg.max_seq_len > backbone.config.max_position:
+            raise GlueError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position "
+                            f"{backbone.config.max_position}")
+        print0(d, f"{backbone.label}: {bert.describe(backbone.build(0))} -> {out}")
+        for name in tasks:
+            run_task(TASKS[name], backbone, a.glue_dir, out, cfg, d, a.skip_bad_rows)
+    if d.master:
+        table = results_table(outs)
+        for out in outs:
+            atomic_write(os.path.join(out, "results.md"), results_table([out]))
+        print("\n" + table, end="")
+    if d.world > 1:
+        dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":

@@ -982,8 +982,8 @@ def test_lamb_matches_the_paper(with_exclusions):
 # ----------------------------------------------------------------------------------------------------------
 # train.py: resume, switches, DDP, flags
 
-TINY_RUN = ["--preset", "tiny", "--batch-size", "8", "--seq-len", "32", "--warmup", "2", "--log-every", "1",
-            "--eval-every", "1000", "--eval-batches", "2", "--save-every", "1000", "--vocab-size", "300"]
+TINY_RUN = ["--preset", "tiny", "--device", "cpu", "--batch-size", "8", "--seq-len", "32", "--warmup", "2",
+            "--log-every", "1", "--eval-every", "1000", "--eval-batches", "2", "--save-every", "1000", "--vocab-size", "300"]
 
 
 @pytest.fixture(scope="module")
@@ -1037,7 +1037,7 @@ def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, run_cache):
 def started_trainer(argv: list):
     """A one-process Trainer for TINY_RUN + argv, started (model, optimizer and data ready) but not run."""
     import train
-    cfg, _ = train.parse_args(TINY_RUN + argv)
+    cfg, _, _ = train.parse_args(TINY_RUN + argv)
     t = train.Trainer(train.finish_config(cfg, world=1), train.Dist())
     t.start()
     return t
@@ -1192,6 +1192,235 @@ def test_sigterm_saves_and_the_run_resumes(tmp_path, run_cache):
     whole, resumed = train_losses(tmp_path / "whole"), train_losses(cut)
     assert sorted(resumed) == list(range(1, 61))
     assert all(whole[s] == pytest.approx(resumed[s], rel=1e-6, abs=1e-6) for s in whole)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# No work lost: run-folder refusals, the lock, failed writes, one-line errors, failing ranks
+
+
+def one_line_error(excinfo) -> str:
+    """The message of a SystemExit a user sees: one line starting with 'error:'."""
+    message = str(excinfo.value)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    import subprocess
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_run_folder_without_its_checkpoint_is_refused_and_keeps_its_files(tmp_path, run_cache):
+    """--resume where checkpoint.pt is gone or unreadable refuses, names the stage file to copy and
+    --overwrite, and never advises deleting; copying the stage file as advised resumes; a plain start
+    refuses too; --overwrite replaces the old run's files."""
+    import shutil
+    import train
+    out = tmp_path / "run"
+    args = TINY_RUN + ["--schedule", "3:2,6:2,12:2", "--steps", "6", "--cache-dir", run_cache, "--out", str(out)]
+    assert train.main(args + ["--stop-after", "5"]) == 0
+    log_before = (out / "log.jsonl").read_text()
+    os.rename(out / "checkpoint.pt", tmp_path / "moved.pt")
+    for argv in (["--out", str(out), "--resume"], args):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        message = one_line_error(e)
+        assert "log.jsonl" in message and "--overwrite" in message and "delet" not in message, message
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", str(out), "--resume"])
+    assert f"copy {out / 'stage1_end.pt'} to {out / 'checkpoint.pt'}" in one_line_error(e)
+    (out / "checkpoint.pt").write_bytes((tmp_path / "moved.pt").read_bytes()[:2000])  # cut short
+    with pytest.raises(SystemExit, match="not a readable checkpoint") as e:
+        train.main(["--out", str(out), "--resume"])
+    assert "delet" not in one_line_error(e) and "stage1_end.pt" in str(e.value)
+    assert (out / "log.jsonl").read_text() == log_before  # nothing was lost by the refusals
+    shutil.copy(out / "stage1_end.pt", out / "checkpoint.pt")  # the advised way on: from the end of stage 1
+    assert train.main(["--out", str(out), "--resume"]) == 0
+    assert train_losses(out).keys() == set(range(1, 7))
+    assert train.main(args + ["--overwrite", "--stop-after", "1"]) == 0  # the old run's files are replaced
+    assert sorted(train_losses(out)) == [1] and not (out / "stage1_end.pt").exists()
+
+
+def test_a_locked_run_folder_refuses_a_second_process_and_a_dead_holder_blocks_nothing(tmp_path, run_cache):
+    """While another process holds <out>/.lock, train.py and glue.py fail at once naming it; once the holder
+    is killed with -9 (its lock file stays behind), both go ahead."""
+    import signal
+    import subprocess
+    import train
+    out, here = tmp_path / "run", os.path.dirname(os.path.abspath(__file__))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train\nwith train.locked_folder(sys.argv[1]):\n"
+                               "    print('locked', flush=True)\n    time.sleep(120)", str(out)],
+                              cwd=here, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            with pytest.raises(SystemExit) as e:
+                train.main(TINY_RUN + ["--steps", "6", "--cache-dir", run_cache, "--out", str(out)] + extra)
+            assert f"{out} is in use by another process (pid {holder.pid})" in one_line_error(e)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (out / ".lock").read_text() == str(holder.pid)  # the stale lock file is still there
+    assert train.main(TINY_RUN + ["--steps", "6", "--cache-dir", run_cache, "--out", str(out)]) == 0
+    with train.locked_folder(str(tmp_path / "glue-out")):  # glue.py --out: the same protection
+        with pytest.raises(SystemExit) as e:
+            train.main(TINY_RUN + ["--out", str(tmp_path / "glue-out")])
+        one_line_error(e)
+
+
+def test_a_failed_write_leaves_no_temporary_and_names_the_last_good_checkpoint(tmp_path, run_cache, monkeypatch):
+    """atomic_write removes its temporary on any error; a disk-full save (a real ENOSPC from /dev/full),
+    a read-only filesystem and a denied permission end the run in one line naming the file and the last
+    good checkpoint, which stays whole; temporaries of killed processes are cleared at start, a live
+    process's are left alone."""
+    import errno
+    import train
+    with pytest.raises(ZeroDivisionError):
+        bert.atomic_write(str(tmp_path / "x.bin"), lambda f: f.write(b"half") and 1 / 0)
+    assert os.listdir(tmp_path) == []
+    stale, live = tmp_path / f"checkpoint.pt.tmp{dead_pid()}", tmp_path / f"log.jsonl.tmp{os.getpid()}"
+    stale.write_bytes(b"x" * 1000)
+    live.write_bytes(b"y")
+    t = started_trainer(["--steps", "6", "--cache-dir", run_cache, "--out", str(tmp_path)])
+    assert not stale.exists() and live.exists()
+    live.unlink()
+    ckpt = str(tmp_path / "checkpoint.pt")
+    if os.path.exists("/dev/full"):
+        os.symlink("/dev/full", f"{ckpt}.tmp{os.getpid()}")  # every write to it fails with ENOSPC
+        t.step = 3
+        with pytest.raises(SystemExit) as e:
+            t.save()
+        assert one_line_error(e) == (f"error: could not write {ckpt} (No space left on device); the last good "
+                                     f"checkpoint is {ckpt} (step 0)")
+        assert os.listdir(tmp_path) == ["checkpoint.pt"]  # the failed temporary is gone, the step-0 file stays
+    for code in (errno.EROFS, errno.EACCES):
+        def refuse(path, state, code=code):
+            raise OSError(code, os.strerror(code), path)
+        monkeypatch.setattr(train, "save_checkpoint", refuse)
+        with pytest.raises(SystemExit) as e:
+            t.save(str(tmp_path / "stage0_end.pt"))
+        assert f"({os.strerror(code)}); the last good checkpoint is {ckpt} (step 0)" in one_line_error(e)
+    assert train.load_checkpoint(ckpt)["step"] == 0
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"), (["--dropout", "2"], "--dropout"),
+    (["--eval-every", "0"], "--eval-every"), (["--save-every", "0"], "--save-every"), (["--log-every", "0"], "--log-every"),
+    (["--vocab-size", "10"], "--vocab-size"), (["--warmup", "-1"], "--warmup"), (["--beta2", "1"], "--beta2")])
+def test_each_flag_out_of_range_fails_in_one_line_before_any_work(argv, flag, tmp_path, monkeypatch):
+    import train
+
+    def no_trainer(*args):
+        raise AssertionError("a Trainer was built: the flags were checked too late")
+
+    monkeypatch.setattr(train, "Trainer", no_trainer)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY_RUN + argv + ["--out", str(tmp_path / "run")])
+    assert one_line_error(e).startswith(f"error: {flag} "), str(e.value)
+    assert not (tmp_path / "run").exists()  # a refused run leaves no folder behind
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="is a file, not a folder") as e:
+        train.main(TINY_RUN + ["--out", str(tmp_path / "file")])
+    one_line_error(e)
+
+
+@pytest.fixture(scope="module")
+def bad_corpora(tmp_path_factory):
+    """A missing path, an empty folder, a binary file, a Latin-1 file and an empty file."""
+    folder = tmp_path_factory.mktemp("corpora")
+    (folder / "empty-folder").mkdir()
+    (folder / "binary.txt").write_bytes(bytes(range(256)) * 20)
+    text = "".join(f"Caf\u00e9 number {d} was good. It ended. Then came {d + 1}.\n\n" for d in range(8))
+    (folder / "latin1.txt").write_bytes(text.encode("latin-1"))
+    (folder / "empty.txt").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize("name, says", [
+    ("missing", "no such file or folder"), ("empty-folder", "no text files"),
+    ("binary.txt", "not valid UTF-8 at byte offset 128"), ("latin1.txt", "not valid UTF-8 at byte offset 3"),
+    ("empty.txt", "file is empty")])
+def test_a_bad_corpus_fails_in_one_line_naming_the_file(name, says, bad_corpora, tmp_path):
+    import train
+    path = str(bad_corpora / name)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY_RUN + ["--steps", "6", "--corpus", path, "--cache-dir", str(tmp_path / "cache"),
+                               "--out", str(tmp_path / "run")])
+    assert one_line_error(e).startswith(f"error: {path}: ") and says in str(e.value), str(e.value)
+
+
+def test_decode_errors_advice_works_and_a_too_large_vocabulary_is_reported(bad_corpora, tmp_path, capsys):
+    """The non-UTF-8 message's advice, --decode-errors replace, is a train.py flag; a --vocab-size the
+    corpus cannot fill is said, with the size reached."""
+    t = started_trainer(["--steps", "6", "--corpus", str(bad_corpora / "latin1.txt"), "--decode-errors", "replace",
+                         "--vocab-size", "5000", "--cache-dir", str(tmp_path / "cache"),
+                         "--out", str(tmp_path / "run")])
+    size = t.prepared.tokenizer.vocab_size
+    assert size < 5000 and f"--vocab-size 5000 asked, but the corpus gives {size} tokens" in capsys.readouterr().out
+
+
+def test_damaged_checkpoints_are_refused_in_one_line_and_never_unpickled(tmp_path, run_cache):
+    """A checkpoint lacking keys, with weights of the wrong shape, or holding code to run: one line each,
+    and the code never runs."""
+    import train
+    out = tmp_path / "run"
+    args = TINY_RUN + ["--steps", "6", "--cache-dir", run_cache, "--out", str(out)]
+    assert train.main(args + ["--stop-after", "1"]) == 0
+    good = torch.load(out / "checkpoint.pt", weights_only=True)
+    lacking = {k: v for k, v in good.items() if k != "optimizer"}
+    misshapen = dict(good, model={**good["model"], "tok_emb.weight": torch.zeros(3, 3)})
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for ckpt, says in ((lacking, "lacks optimizer"), (misshapen, "do not fit its config"),
+                       (dict(good, extra=RunsCode()), "holds Python objects other than tensors")):
+        torch.save(ckpt, out / "checkpoint.pt")
+        with pytest.raises(SystemExit) as e:
+            train.main(["--out", str(out), "--resume"])
+        assert says in one_line_error(e) and "weights_only" not in str(e.value), str(e.value)
+    assert not marker.exists()
+
+
+def test_resume_may_change_micro_batch_and_dtype(tmp_path, run_cache):
+    """A run continues on another split of its global batch (as on another number of GPUs): same losses up
+    to rounding."""
+    import train
+    args = TINY_RUN + ["--steps", "6", "--dropout", "0", "--cache-dir", run_cache]
+    assert train.main(args + ["--out", str(tmp_path / "whole")]) == 0
+    assert train.main(args + ["--out", str(tmp_path / "moved"), "--stop-after", "3"]) == 0
+    assert train.main(["--out", str(tmp_path / "moved"), "--resume", "--micro-batch", "4", "--dtype", "float32"]) == 0
+    whole, moved = train_losses(tmp_path / "whole"), train_losses(tmp_path / "moved")
+    assert sorted(moved) == list(range(1, 7))
+    assert all(whole[s] == pytest.approx(moved[s], rel=1e-5, abs=1e-5) for s in whole)
+
+
+def test_torchrun_a_failing_rank_ends_every_rank_within_seconds_and_refusals_print_once(tmp_path, run_cache):
+    """Rank 0's save fails at the first switch (its target is a folder) while rank 1 trains on: both end
+    promptly with rank 0's one-line error, rather than rank 1 waiting out the process-group timeout. A bad
+    flag under torchrun is printed once, not once per rank."""
+    import subprocess
+    import time
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    (out / "stage0_end.pt" / "blocked").mkdir(parents=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    args = TINY_RUN + ["--steps", "40", "--cache-dir", run_cache, "--out", str(out)]
+    t0 = time.time()
+    run = subprocess.run(torchrun + args, cwd=here, env=env, capture_output=True, text=True, timeout=300)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0 and time.time() - t0 < 120, output[-3000:]
+    assert output.count(f"error: could not write {out / 'stage0_end.pt'} (Is a directory); the last good "
+                        f"checkpoint is {out / 'checkpoint.pt'} (step 0)") == 1, output[-3000:]
+    run = subprocess.run(torchrun + args + ["--lr", "nan"], cwd=here, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode != 0 and (run.stdout + run.stderr).count("error: --lr nan") == 1, run.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1424,8 +1653,8 @@ def test_finetune_learns_writes_submission_and_resumes(tmp_path, capsys, one_thr
     words = separable_rte(tmp_path / "glue")
     ckpt, out = str(tmp_path / "ckpt.pt"), str(tmp_path / "out")
     tiny_checkpoint(ckpt, [" ".join(words)] * 3 + ["yes no"] * 3)
-    common = ["--checkpoint", ckpt, "--task", "RTE", "--glue-dir", str(tmp_path / "glue"), "--batch-size", "16",
-              "--max-seq-len", "32"]
+    common = ["--checkpoint", ckpt, "--task", "RTE", "--glue-dir", str(tmp_path / "glue"), "--device", "cpu",
+              "--batch-size", "16", "--max-seq-len", "32"]
     args = common + ["--out", out, "--lrs", "2e-3", "1e-5", "--seeds", "0", "--epochs", "6"]
     assert glue.main(args) == 0
     runs = glue.load_runs(out)["RTE"]
@@ -1487,6 +1716,37 @@ def test_checkpoint_errors(tmp_path):
         glue.load_backbone(str(tmp_path / "hf"))
 
 
+@pytest.mark.parametrize("content", [[1, 2], "text", torch.zeros(3)])
+def test_a_pt_file_that_is_no_checkpoint_fails_in_one_line(content, tmp_path, capsys):
+    path = str(tmp_path / "odd.pt")
+    torch.save(content, path)
+    assert glue.main(["--checkpoint", path, "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} holds a {type(content).__name__}, not a checkpoint") and err.count("\n") == 1
+
+
+def test_glue_refuses_an_empty_train_file_misshapen_weights_and_a_locked_out(tmp_path, capsys):
+    import train
+    separable_rte(tmp_path / "glue", n_train=8, n_dev=4, n_test=2)
+    ckpt = str(tmp_path / "ckpt.pt")
+    tiny_checkpoint(ckpt, ["the cat sat on a mat yes no"] * 3)
+    argv = ["--checkpoint", ckpt, "--glue-dir", str(tmp_path / "glue"), "--device", "cpu", "--max-seq-len", "32",
+            "--max-steps", "1", "--seeds", "0", "--lrs", "1e-3", "--out", str(tmp_path / "out")]
+    with train.locked_folder(str(tmp_path / "out")):
+        assert glue.main(argv) == 2
+    assert f"{tmp_path / 'out'} is in use by another process (pid {os.getpid()})" in capsys.readouterr().err
+    train_tsv = tmp_path / "glue" / "RTE" / "train.tsv"
+    train_tsv.write_text("")
+    assert glue.main(argv) == 2
+    assert capsys.readouterr().err == (f"error: {train_tsv} is empty; --glue-dir must hold the files "
+                                       f"download_glue_data.py wrote\n")
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["tok_emb.weight"] = torch.zeros(3, 3)
+    torch.save(state, ckpt)
+    with pytest.raises(glue.GlueError, match="weights do not fit its config"):
+        glue.load_backbone(ckpt)
+
+
 def test_finetune_is_deterministic_per_seed(tmp_path, one_thread):
     separable_rte(tmp_path / "glue", n_train=64, n_dev=16, n_test=8)
     tiny_checkpoint(str(tmp_path / "ckpt.pt"), ["the cat sat on a mat yes no"] * 3)
@@ -1546,8 +1806,9 @@ def test_replicates_table_puts_runs_side_by_side(compare, tmp_path):
 def test_finished_run_at_another_lr_is_not_reused(compare, tmp_path):
     """A comparison adding runs to a folder whose finished runs used another rate stops, naming the flag."""
     import train
-    torch.save({"format": train.CHECKPOINT_FORMAT, "version": train.CHECKPOINT_VERSION, "step": 5,
-                "train_config": {"lr": 0.002, "steps": 5}}, str(tmp_path / "checkpoint.pt"))
+    torch.save({**dict.fromkeys(train.CHECKPOINT_KEYS, 0), "format": train.CHECKPOINT_FORMAT,
+                "version": train.CHECKPOINT_VERSION, "step": 5, "train_config": {"lr": 0.002, "steps": 5}},
+               str(tmp_path / "checkpoint.pt"))
     state, saved = compare.run_state(str(tmp_path))
     assert state == "done" and compare.run_state(str(tmp_path / "absent")) == ("new", None)
     compare.check_same_lr(str(tmp_path), saved, ["--method", "stack", "--optimizer", "adam", "--lr", "0.002"])
