@@ -1630,3 +1630,11 @@ def test_ring_all_reduce_and_paper_fit_round_trip(cost_model):
     assert u.comm_param == pytest.approx(2 * 3 / 4 * 4 / 1e9)
     step = cost_model.step_time(cost_model.stage_shape(c, 4, None), u).total
     assert cost_model.paper_fit(c, cl, step, cost_model.bwd_fwd_ratio(c, u)) == pytest.approx((0.3, 1.0))
+
+
+def test_bad_stage_cost_file_names_what_it_lacks(cost_model, tmp_path):
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps({"preset": "tiny", "vocab_size": 100, "pre_norm": True, "batch": 2, "seq": 8, "records": [
+        {"n_layer": 2, "trainable_top": None, "forward_s": 1.0, "backward_s": 1.0, "optimizer_s": {"adam": 0.1}}]}))
+    with pytest.raises(SystemExit, match=f"error: {path}: record 0 lacks optimizer_s.lamb"):
+        cost_model.load_costs(str(path))

@@ -496,14 +496,14 @@ def solve_R(ratio_of, target: float, lo: float = 1.0, hi: float = 50.0) -> float
 def plot(path: str, cl: Cluster, k: int, cpu_R: float, measured: dict):
     """Predicted BERT-Base wall ratio of each method against R, with this CPU and the MSLT cluster marked."""
     c, xs = MODELS["bert-base"], [0.5 + 0.25 * i for i in range(31)]  # R from 0.5 (this CPU in bf16) to 8
-    series = {f"{m} (BERT-Base)": [(x, method_ratio(m, c, sweep_units(c, cl, x), k)) for x in xs]
-              for m in ("stack", "mslt", "albert-mslt")}
+    names = {"stack": "stack = identity", "mslt": "mslt", "albert-mslt": "albert-mslt"}
+    series = {label: [(x, method_ratio(m, c, sweep_units(c, cl, x), k)) for x in xs] for m, label in names.items()}
     series[f"this CPU, R = {cpu_R:.1f}"] = [(cpu_R, 0.3), (cpu_R, 1.0)]
     series[f"MSLT cluster, R = {PAPER_R:g}"] = [(PAPER_R, 0.3), (PAPER_R, 1.0)]
     for label, (x, y) in measured.items():
-        series[label] = [(x - 0.15, y), (x + 0.15, y)]
+        series[f"{label} {y:.2f}"] = [(x - 0.15, y), (x + 0.15, y)]
     train.svg_plot(series, path, "backward (with all-reduce) : forward time of a full step, R",
-                   "predicted wall time / baseline's", "Predicted wall-time ratio, same steps (stack = identity)",
+                   "predicted wall time / baseline's", "BERT-Base: predicted wall-time ratio to the baseline, same steps",
                    hline=(1.0, "baseline"))
     print(f"wrote {path}")
 
@@ -584,7 +584,7 @@ def main():
     cpu_R = bwd_fwd_ratio(c, fit_units(costs["records"], c, "adam"))
     marks = {"CPU run: stack": (cpu_R, measured["stack"]["wall"] / measured["baseline"]["wall"]),
              "CPU run: mslt": (cpu_R, measured["mslt"]["wall"] / measured["baseline-lamb"]["wall"]),
-             "paper: stack (MSLT Table 1)": (PAPER_R, 63 / 85), "paper: mslt": (PAPER_R, 40 / 85)}
+             "MSLT paper: stack": (PAPER_R, 63 / 85), "MSLT paper: mslt": (PAPER_R, 40 / 85)}
     plot(os.path.join(args.out, "cost_model.svg"), v100, args.k, cpu_R, marks)
 
 
