@@ -11,7 +11,7 @@ script makes explicit and checkable:
    they train; optimizer per trainable parameter; ring all-reduce, 2(n-1)/n x gradient bytes / bandwidth
    per trainable parameter, added to backward or overlapped with it. A schedule's time is the sum over its
    stages (`stack.make_schedule`), and each method is reported as its ratio to the baseline's time for the
-   same number of steps.
+   same number of steps. The growth operator changes values, not work: identity costs what stacking costs.
 2. Calibration (`fit_units`): least squares of each phase's measured time on this model, from timings of
    a few depths and trainable tops that are *not* the schedules' stages (`--measure` times them here);
    then the stage costs that the CPU comparison logged are predicted and compared.
@@ -19,7 +19,7 @@ script makes explicit and checkable:
    assumed MFU, memory and interconnect bandwidth and the GPU count, for BERT-Base and BERT-Large on two
    clusters (`CLUSTERS`; each figure a flag). The MSLT paper's 32 V100s are solved from its own figures
    (85 h per 1M BERT-Base steps, backward with communication ~6x forward) and then checked on the rest.
-4. A plot of each method's ratio against the backward : forward ratio R (1 to 8).
+4. A plot of each method's ratio against the backward : forward ratio R (0.5, this CPU in bf16, to 8).
 
     python experiments/cost_model.py                              # calibrate on the committed CPU timings, predict, plot
     flock /tmp/bench.lock python experiments/cost_model.py --measure runs/cost_model/cost_cpu.json   # time this machine first
