@@ -1773,12 +1773,18 @@ def test_submission_strings():
 
 
 @pytest.fixture
-def compare():
+def experiments_on_path():
+    """experiments/ importable for one test, as it is for its scripts."""
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments")
     sys.path.insert(0, folder)
-    import compare
-    yield compare
+    yield
     sys.path.remove(folder)
+
+
+@pytest.fixture
+def compare(experiments_on_path):
+    import compare
+    return compare
 
 
 def test_time_to_reach_interpolates_the_first_crossing(compare):
@@ -1814,3 +1820,82 @@ def test_finished_run_at_another_lr_is_not_reused(compare, tmp_path):
     compare.check_same_lr(str(tmp_path), saved, ["--method", "stack", "--optimizer", "adam", "--lr", "0.002"])
     with pytest.raises(SystemExit, match="trained at lr 0.002, this comparison gives it 0.001; pass --lamb-lr 0.002"):
         compare.check_same_lr(str(tmp_path), saved, ["--method", "mslt", "--optimizer", "lamb", "--lr", "0.001"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# experiments/cost_model.py: wall time from unit costs, and calibration
+
+
+@pytest.fixture
+def cost_model(experiments_on_path):
+    import cost_model
+    return cost_model
+
+
+ROUND_UNITS = dict(fwd_layer=1.0, fwd_rest=2.0, bwd_layer=3.0, bwd_head=1.0, bwd_emb=4.0, opt_param=0.0)
+
+
+def test_step_time_known_answer(cost_model):
+    """4 layers, top 2 trainable, 1000 trainable parameters: forward 2 + 4 x 1, backward 1 + 2 x 3,
+    optimizer 1000 x 0.001, all-reduce 1000 x 0.002; overlapped, the all-reduce hides behind backward."""
+    shape = cost_model.StageShape(n_layer=4, bwd_layers=2, embeddings_train=False, trainable=1000)
+    u = cost_model.UnitCosts(**dict(ROUND_UNITS, opt_param=0.001), comm_param=0.002)
+    t = cost_model.step_time(shape, u)
+    assert (t.forward, t.backward, t.optimizer, t.comm, t.total) == pytest.approx((6, 7, 1, 2, 16))
+    assert cost_model.step_time(shape, replace(u, overlap=True)).total == pytest.approx(14)  # 6 + max(7, 2) + 1
+
+
+def test_two_stage_schedule_known_answer(cost_model):
+    """2 layers all trainable for 100 steps (4 forward + 11 backward) then 4 layers, top 2 trainable, for 300
+    (6 + 7): 5400 s; the 4-layer baseline costs 6 + 17 = 23 a step, so MSLT's 100/100/100 steps at k=2 give
+    (15 + 13 + 23) / 69."""
+    c = BertConfig(vocab_size=100, n_layer=4, n_head=2, d_model=16, d_ff=32, max_position=16)
+    u = cost_model.UnitCosts(**ROUND_UNITS)
+    assert cost_model.schedule_time(stack.parse_schedule("2:100,4:300:mslt:2"), c, u) == pytest.approx(5400)
+    assert cost_model.method_ratio("mslt", c, u, k=2, total_steps=300) == pytest.approx(51 / 69)
+
+
+@pytest.mark.parametrize("n, top, group_size", [(4, None, 1), (6, 2, 1), (6, 4, 2), (6, None, 3)])
+def test_stage_trainable_parameters_match_the_model(cost_model, n, top, group_size):
+    c = BertConfig(vocab_size=100, n_layer=n, n_head=2, d_model=16, d_ff=32, max_position=16, group_size=group_size)
+    model = stack.set_trainable(Bert(c), top)
+    shape = cost_model.stage_shape(replace(c, group_size=1), n, top, group_size)
+    assert shape.trainable == stack.count_parameters(model)[0]
+    assert shape.bwd_layers == sum(any(p.requires_grad for p in layer.parameters()) for layer in model.layers)
+
+
+def test_calibration_recovers_known_unit_costs(cost_model):
+    """Phase timings made from known unit costs (two optimizers) fit back to the same unit costs; timings
+    of all-trainable models alone cannot tell embeddings' backward from the output layer's."""
+    c = BertConfig(vocab_size=100, n_layer=12, n_head=2, d_model=16, d_ff=32, max_position=16)
+    truth = {"adam": cost_model.UnitCosts(0.3, 0.8, 0.5, 0.2, 0.9, 1e-7), "lamb": cost_model.UnitCosts(0.3, 0.8, 0.5, 0.2, 0.9, 3e-7)}
+    records = []
+    for n, top in cost_model.parse_configs(cost_model.CALIBRATION):
+        shape = cost_model.stage_shape(c, n, top)
+        t = {o: cost_model.step_time(shape, u) for o, u in truth.items()}
+        records.append({"n_layer": n, "trainable_top": top, "forward_s": t["adam"].forward,
+                        "backward_s": t["adam"].backward, "optimizer_s": {o: t[o].optimizer for o in t}})
+    for o, u in truth.items():
+        assert asdict(cost_model.fit_units(records, c, o)) == pytest.approx(asdict(u))
+    with pytest.raises(ValueError, match="cannot separate the backward_s unit costs"):
+        cost_model.fit_units([r for r in records if r["trainable_top"] is None], c, "adam")
+
+
+def test_ring_all_reduce_and_paper_fit_round_trip(cost_model):
+    """2(n-1)/n x bytes / bandwidth per parameter; solving MFU and bandwidth from a cluster's own step time
+    and backward : forward ratio gives the cluster back."""
+    c = BertConfig(vocab_size=2000, n_layer=4, n_head=2, d_model=64, d_ff=256, max_position=64)
+    cl = cost_model.Cluster("test", gpus=4, peak_tflops=10, mfu=0.3, bandwidth=1.0, mem_bw=100, batch_per_gpu=4,
+                            seq=32, overlap=False)
+    u = cost_model.cluster_units(c, cl)
+    assert u.comm_param == pytest.approx(2 * 3 / 4 * 4 / 1e9)
+    step = cost_model.step_time(cost_model.stage_shape(c, 4, None), u).total
+    assert cost_model.paper_fit(c, cl, step, cost_model.bwd_fwd_ratio(c, u)) == pytest.approx((0.3, 1.0))
+
+
+def test_bad_stage_cost_file_names_what_it_lacks(cost_model, tmp_path):
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps({"preset": "tiny", "vocab_size": 100, "pre_norm": True, "batch": 2, "seq": 8, "records": [
+        {"n_layer": 2, "trainable_top": None, "forward_s": 1.0, "backward_s": 1.0, "optimizer_s": {"adam": 0.1}}]}))
+    with pytest.raises(SystemExit, match=f"error: {path}: record 0 lacks optimizer_s.lamb"):
+        cost_model.load_costs(str(path))
