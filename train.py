@@ -11,6 +11,7 @@ weight decay (stacking paper, section 4.1) or LAMB (MSLT, section 4.1; You et al
     torchrun --nproc_per_node=2 train.py ...          # DDP: NCCL on CUDA, gloo on CPU
     python train.py --resume --out runs/stack         # continue from the latest checkpoint
     python train.py --plot runs/baseline runs/stack   # validation loss against wall time, as SVG
+    python train.py --export-hf runs/stack/hf --checkpoint runs/stack/checkpoint.pt   # for transformers
 
 Every run directory holds `checkpoint.pt` (latest, written atomically), `stage<i>_end.pt` (the model at
 the end of each stage, before growth), `log.jsonl` (one record per log step and per validation) and
@@ -623,6 +624,37 @@ def prepare_data(cfg: TrainConfig, d: Dist):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Export: a checkpoint as a folder that transformers loads.
+
+
+def export_hf(checkpoint: str, out_dir: str):
+    """Write a checkpoint train.py wrote (checkpoint.pt or stage<i>_end.pt, either layout) as a folder that
+    transformers' AutoModelForMaskedLM, AutoTokenizer and pipeline("fill-mask") load: config.json and
+    model.safetensors (bert.save_hf), tokenizer.json and its two config files (data.Tokenizer.save_hf)."""
+    ckpt = load_checkpoint(checkpoint)
+    model = bert.Bert(bert.BertConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    try:
+        tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+        bert.save_hf(model, out_dir)
+        tok.save_hf(out_dir, model.config.max_position)
+    except (data.DataError, OSError) as e:
+        raise SystemExit(f"error: --export-hf {out_dir} --checkpoint {checkpoint}: {e}")
+    kind = "RobertaPreLayerNormForMaskedLM (pooler and NSP head left out)" if model.config.pre_norm else "BertForPreTraining"
+    print(f"wrote {out_dir}: {bert.describe(model)} as {kind}; tokenizer of {tok.vocab_size} tokens")
+
+
+def export_main(argv) -> int:
+    """The command line of export_hf: train.py --export-hf DIR --checkpoint FILE."""
+    p = argparse.ArgumentParser(prog="train.py --export-hf", description=export_hf.__doc__)
+    p.add_argument("--export-hf", required=True, metavar="DIR", help="folder to write (made if missing)")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="checkpoint.pt or stage<i>_end.pt of a run")
+    a = p.parse_args(argv)
+    export_hf(a.checkpoint, a.export_hf)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Command line.
 
 
@@ -734,6 +766,8 @@ def restarted_by_torchrun() -> bool:
 
 
 def main(argv=None) -> int:
+    if any(a.split("=")[0] == "--export-hf" for a in (sys.argv[1:] if argv is None else argv)):
+        return export_main(argv)
     cfg, plot = parse_args(argv)
     if plot:
         plot_runs(plot, os.path.join(cfg.out or ".", "val_loss.svg"))
