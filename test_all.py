@@ -431,8 +431,9 @@ def test_load_hf_reads_a_transformers_roberta_prelayernorm_folder(tmp_path):
     torch.testing.assert_close(a[keep], b[keep], atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(scope="module")
 def real_sentences(per_corpus=2000) -> dict:
-    """At least `per_corpus` sentences from the start of each shared pre-training corpus."""
+    """The first `per_corpus` sentences of each shared pre-training corpus (of its files read in turn)."""
     files = {"gutenberg": [f for f in REAL_FILES if f.startswith("gutenberg")], "brown": ["brown/brown.txt"],
              "wikitext": [f for f in REAL_FILES if f.startswith("wikitext")]}
     out = {}
@@ -440,10 +441,10 @@ def real_sentences(per_corpus=2000) -> dict:
         sentences = []
         for name in names:
             with open(os.path.join(DATA_SHARED, name), encoding="utf-8") as f:
-                text = f.read(600_000 // len(names))
+                text = f.read(400_000 // len(names))
             sentences += [s for p in text.split("\n\n") for s in data.split_sentences(p)]
         assert len(sentences) >= per_corpus, corpus
-        out[corpus] = sentences
+        out[corpus] = sentences[:per_corpus]
     return out
 
 
@@ -458,15 +459,17 @@ def exported_runs(tmp_path_factory):
     for name in REAL_FILES:
         with open(os.path.join(DATA_SHARED, name), encoding="utf-8") as f:
             data_write(root / "corpus", os.path.basename(name), f.read(12_000 if "gutenberg" in name else 40_000))
-    runs = {}
+    runs, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # see one_thread
     for layout, flags in (("pre-LN", ["--method", "albert-mslt"]), ("post-LN", ["--method", "stack", "--post-norm"])):
         out = root / layout
-        argv = TINY_RUN + flags + ["--steps", "10", "--vocab-size", "1000", "--corpus", str(root / "corpus"),
-                                   "--cache-dir", str(root / "cache"), "--out", str(out), "--lr", "1e-2"]
+        argv = TINY_RUN + flags + ["--steps", "6", "--vocab-size", "1000", "--corpus", str(root / "corpus"),
+                                   "--cache-dir", str(root / "cache"), "--out", str(out), "--lr", "1e-2", "--eval-batches", "1"]
         assert train.main(argv) == 0
         for ckpt in ("checkpoint", "stage0_end"):
             assert train.main(["--export-hf", str(out / f"hf-{ckpt}"), "--checkpoint", str(out / f"{ckpt}.pt")]) == 0
         runs[layout] = out
+    torch.set_num_threads(threads)
     return runs
 
 
@@ -479,7 +482,7 @@ def checkpoint_model(path):
 
 
 @pytest.mark.parametrize("layout", ["pre-LN", "post-LN"])
-def test_exported_run_opens_in_transformers(exported_runs, layout):
+def test_exported_run_opens_in_transformers(exported_runs, real_sentences, layout, one_thread):
     """AutoModelForMaskedLM, AutoTokenizer and pipeline("fill-mask") on an exported run give our ids, our MLM
     logits (padded pairs, real tokens) and our top-5 predictions."""
     transformers = pytest.importorskip("transformers")
@@ -493,7 +496,7 @@ def test_exported_run_opens_in_transformers(exported_runs, layout):
         assert not info["missing_keys"] and not info["unexpected_keys"]
     theirs.eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
-    sentences = real_sentences()
+    sentences = real_sentences
     for corpus, texts in sentences.items():
         assert hf_tok(texts, add_special_tokens=False)["input_ids"] == [tok.encode(t) for t in texts], corpus
     odd = [t for t in WEIRD_TEXTS if not data.SURROGATE.search(t) and "[" not in t]  # "[MASK]" is a special there
@@ -525,7 +528,7 @@ def test_exported_run_opens_in_transformers(exported_runs, layout):
 
 @pytest.mark.parametrize("layout", ["pre-LN", "post-LN"])
 @pytest.mark.parametrize("ckpt", ["checkpoint", "stage0_end"])
-def test_export_round_trips_through_load_hf_and_glue(exported_runs, layout, ckpt):
+def test_export_round_trips_through_load_hf_and_glue(exported_runs, layout, ckpt, one_thread):
     """load_hf of an export equals the checkpoint's model exactly (shared blocks come back unshared; a pre-LN
     model has no pooler and NSP head there), and glue.py takes the folder as --checkpoint."""
     folder = str(exported_runs[layout] / f"hf-{ckpt}")
