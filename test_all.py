@@ -528,7 +528,7 @@ def test_exported_run_opens_in_transformers(exported_runs, real_sentences, layou
 
 @pytest.mark.parametrize("layout", ["pre-LN", "post-LN"])
 @pytest.mark.parametrize("ckpt", ["checkpoint", "stage0_end"])
-def test_export_round_trips_through_load_hf_and_glue(exported_runs, layout, ckpt, one_thread):
+def test_export_round_trips_through_load_hf_and_glue(tmp_path, exported_runs, layout, ckpt, one_thread):
     """load_hf of an export equals the checkpoint's model exactly (shared blocks come back unshared; a pre-LN
     model has no pooler and NSP head there), and glue.py takes the folder as --checkpoint."""
     folder = str(exported_runs[layout] / f"hf-{ckpt}")
@@ -546,6 +546,10 @@ def test_export_round_trips_through_load_hf_and_glue(exported_runs, layout, ckpt
         assert torch.equal(a.nsp_logits, b.nsp_logits)
     backbone = glue.load_backbone(folder)
     assert backbone.tokenizer.hash() == tok.hash() and backbone.config == back.config
+    separable_rte(tmp_path / "glue", n_train=32, n_dev=16)
+    assert glue.main(["--checkpoint", folder, "--task", "RTE", "--glue-dir", str(tmp_path / "glue"), "--lrs", "1e-3",
+                      "--seeds", "0", "--max-steps", "2", "--max-seq-len", "32", "--no-test", "--out", str(tmp_path / "out")]) == 0
+    assert glue.load_runs(str(tmp_path / "out"))["RTE"]
 
 
 def test_export_errors_are_one_line(tmp_path):
