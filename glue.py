@@ -388,13 +388,19 @@ def backbone_parts(path: str, ckpt) -> tuple:
 
 
 def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional[str] = None) -> Backbone:
-    """A train.py checkpoint (dict with model, config, tokenizer) or a HuggingFace BERT folder + tokenizer."""
+    """A train.py checkpoint (dict with model, config, tokenizer) or a HuggingFace folder with our tokenizer:
+    one written by `train.py --export-hf` (either layout; a pre-LN one has no pooler, so GLUE's pooled [CLS]
+    starts from a fresh one) or a BERT folder and --tokenizer."""
     if os.path.isdir(path):
         tokenizer_path = tokenizer_path or os.path.join(path, "tokenizer.json")
         if not os.path.exists(tokenizer_path):
             raise GlueError(f"{path} is a HuggingFace folder without our tokenizer; pass --tokenizer FILE "
-                            f"(a JSON file written by data.Tokenizer.save)")
-        model, tok = bert.load_hf(path), Tokenizer.load(tokenizer_path)
+                            f"(the tokenizer.json of train.py --export-hf, or a JSON file written by data.Tokenizer.save)")
+        try:
+            model, tok = bert.load_hf(path), Tokenizer.load(tokenizer_path)
+        except (OSError, KeyError, ValueError) as e:
+            raise GlueError(f"{path}: not a folder that bert.load_hf and data.Tokenizer.load read "
+                            f"({type(e).__name__}: {e})") from None
         config, state = model.config, model.state_dict()
     else:
         if not os.path.exists(path):

@@ -11,6 +11,7 @@ weight decay (stacking paper, section 4.1) or LAMB (MSLT, section 4.1; You et al
     torchrun --nproc_per_node=2 train.py ...          # DDP: NCCL on CUDA, gloo on CPU
     python train.py --resume --out runs/stack         # continue from the latest checkpoint
     python train.py --plot runs/baseline runs/stack   # validation loss against wall time, as SVG
+    python train.py --export-hf runs/stack/hf --checkpoint runs/stack/checkpoint.pt   # for transformers
 
 Every run directory holds `checkpoint.pt` (latest, written atomically), `stage<i>_end.pt` (the model at
 the end of each stage, before growth), `log.jsonl` (one record per log step and per validation) and
@@ -275,22 +276,39 @@ def unreadable(path: str, e: Exception) -> str:
     return f"{path} is not a readable checkpoint: truncated, corrupt or not a torch file ({type(e).__name__})"
 
 
-def load_checkpoint(path: str, mmap: bool = False) -> dict:
-    """Read a checkpoint without running code from it; a one-line error for a corrupt, foreign or incomplete
-    file that says how to go on. `mmap` maps the file instead of reading it: cheap when only the plain
-    values are wanted."""
+def load_checkpoint(path: str, mmap: bool = False, advice: str = "") -> dict:
+    """Read a checkpoint without running code from it; a one-line error for a missing, corrupt, foreign or
+    incomplete file, ending with `advice` (how to go on). `mmap` maps the file instead of reading it: cheap
+    when only the plain values are wanted."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        raise SystemExit(f"error: {unreadable(path, e)}. {ways_on(os.path.dirname(path))}")
+        raise SystemExit(f"error: {unreadable(path, e)}. {advice}".rstrip())
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"error: {path} is not a checkpoint written by train.py")
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise SystemExit(f"error: {path} has checkpoint version {ckpt.get('version')}, this train.py reads {CHECKPOINT_VERSION}")
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
-        raise SystemExit(f"error: {path} lacks {', '.join(missing)}: it is damaged. {ways_on(os.path.dirname(path))}")
+        raise SystemExit(f"error: {path} lacks {', '.join(missing)}: it is damaged. {advice}".rstrip())
     return ckpt
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def model_from_checkpoint(ckpt: dict, path: str, advice: str = "") -> bert.Bert:
+    """The model a checkpoint accepted by load_checkpoint holds; one line naming the file (and `advice`) when
+    its weights do not fit its config."""
+    try:
+        model = bert.Bert(bert.BertConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise SystemExit(f"error: {path}: its weights do not fit its config ({first_line(e)}). {advice}".rstrip())
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -387,7 +405,7 @@ def resumed_config(cfg: TrainConfig, given: set) -> TrainConfig:
     path = os.path.join(run_dir(cfg), "checkpoint.pt")
     if not (cfg.resume and os.path.exists(path)):
         return cfg
-    saved = load_checkpoint(path, mmap=True)["train_config"]
+    saved = load_checkpoint(path, mmap=True, advice=ways_on(os.path.dirname(path)))["train_config"]
     keep = given | INVOCATION_ONLY
     return TrainConfig(**{k: v if k in keep or k not in saved else saved[k] for k, v in asdict(cfg).items()})
 
@@ -553,7 +571,7 @@ class Trainer:
             for name in remove_stale_temporaries(self.out):
                 self.print(f"removed {os.path.join(self.out, name)}, left by a process killed while writing it")
         if self.cfg.resume and os.path.exists(self.checkpoint_path):
-            self.restore(load_checkpoint(self.checkpoint_path))
+            self.restore(load_checkpoint(self.checkpoint_path, advice=ways_on(self.out)))
             if self.d.master:
                 truncate_log(self.log_path, self.step)
             self.print(f"resumed {self.checkpoint_path} at step {self.step} (stage {self.stage}, "
@@ -577,15 +595,13 @@ class Trainer:
             raise SystemExit(f"error: {path} was trained with another tokenizer than the one in "
                              f"--cache-dir {self.cfg.cache_dir} for --corpus {self.cfg.corpus or '(synthetic)'}; "
                              f"resume with the run's own corpus and cache (leave both flags out)")
+        model = model_from_checkpoint(ckpt, path, ways_on(self.out))
+        stack.set_trainable(model, self.schedule.stages[ckpt["stage"]].trainable_top)
+        self.set_model(model, ckpt["stage"], ckpt["step"])
         try:
-            model = bert.Bert(bert.BertConfig(**ckpt["config"]))
-            model.load_state_dict(ckpt["model"])
-            stack.set_trainable(model, self.schedule.stages[ckpt["stage"]].trainable_top)
-            self.set_model(model, ckpt["stage"], ckpt["step"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
-            problem = str(e).strip().split("\n")[0]
-            raise SystemExit(f"error: {path}: its weights or optimizer state do not fit its config ({problem}). "
+            raise SystemExit(f"error: {path}: its optimizer state does not fit its model ({first_line(e)}). "
                              f"{ways_on(self.out)}")
         self.step, self.wall = ckpt["step"], ckpt["wall"]
         self.last_good = (path, self.step)
@@ -787,6 +803,36 @@ def prepare_data(cfg: TrainConfig, d: Dist):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Export: a checkpoint as a folder that transformers loads.
+
+
+def export_hf(checkpoint: str, out_dir: str):
+    """Write a checkpoint train.py wrote (checkpoint.pt or stage<i>_end.pt, either layout) as a folder that
+    transformers' AutoModelForMaskedLM, AutoTokenizer and pipeline("fill-mask") load: config.json and
+    model.safetensors (bert.save_hf), tokenizer.json and its two config files (data.Tokenizer.save_hf)."""
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt, checkpoint)
+    try:
+        tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+        bert.save_hf(model, out_dir)
+        tok.save_hf(out_dir, model.config.max_position)
+    except (data.DataError, OSError) as e:
+        raise SystemExit(f"error: --export-hf {out_dir} --checkpoint {checkpoint}: {e}")
+    kind = "RobertaPreLayerNormForMaskedLM (pooler and NSP head left out)" if model.config.pre_norm else "BertForPreTraining"
+    print(f"wrote {out_dir}: {bert.describe(model)} as {kind}; tokenizer of {tok.vocab_size} tokens")
+
+
+def export_main(argv) -> int:
+    """The command line of export_hf: train.py --export-hf DIR --checkpoint FILE."""
+    p = argparse.ArgumentParser(prog="train.py --export-hf", description=export_hf.__doc__)
+    p.add_argument("--export-hf", required=True, metavar="DIR", help="folder to write (made if missing)")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="checkpoint.pt or stage<i>_end.pt of a run")
+    a = p.parse_args(argv)
+    export_hf(a.checkpoint, a.export_hf)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Command line.
 
 
@@ -934,12 +980,14 @@ def main(argv=None) -> int:
         if rank == 0:
             raise
         # Another rank's failure closes the connections this rank's collectives use: say so in one line.
-        raise SystemExit(f"error: rank {rank} stopped: {type(e).__name__}: {str(e).strip().splitlines()[0]}")
+        raise SystemExit(f"error: rank {rank} stopped: {type(e).__name__}: {first_line(e)}")
     raise SystemExit(message if int(os.environ.get("RANK", "0")) == 0 else 1)
 
 
 def run_training(argv=None) -> int:
     """Parse, lock the run folder (rank 0), check everything, then train; returns the exit code."""
+    if any(a.split("=")[0] == "--export-hf" for a in (sys.argv[1:] if argv is None else argv)):
+        return export_main(argv)
     cfg, given, plot = parse_args(argv)
     if plot:
         plot_runs(plot, os.path.join(cfg.out or ".", "val_loss.svg"))
