@@ -1716,7 +1716,7 @@ def test_torchrun_a_failing_rank_ends_every_rank_within_seconds_and_refusals_pri
 # train.py: the GPU step (checked on the CPU where it can be; the CUDA-only test is skipped without a GPU)
 
 
-def test_compile_trains_like_eager_and_compiles_once_per_stage(tmp_path, run_cache):
+def test_compile_trains_like_eager_and_compiles_once_per_stage(tmp_path, run_cache, one_thread):
     """--compile on a stacking and an MSLT schedule gives eager's losses (dropout off), compiles each stage's
     model once before its first step (a compile_s record per stage, outside `wall`), and never hits dynamo's
     recompile limit (past it, later stages would silently run eager). Compiled with dynamo's "eager" backend:
@@ -1783,6 +1783,20 @@ def test_bf16_is_the_default_only_where_native_and_tf32_only_on_cuda(monkeypatch
         assert matmul.fp32_precision == "tf32"
     finally:
         matmul.fp32_precision = before
+
+
+def test_gpu_check_runs_every_section_at_toy_sizes():
+    """experiments/gpu_check.py --device cpu --quick, the script a GPU machine runs, works end to end: every
+    section passes and the report is one markdown document (on a CPU a resumed run is bit-identical)."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "experiments/gpu_check.py", "--device", "cpu", "--quick"], cwd=here,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    report = run.stdout
+    assert run.returncode == 0 and "9 of 9 sections ok" in report, report[-3000:] + run.stderr[-3000:]
+    assert report.startswith("# GPU check (quick, cpu)") and report.count("\n## ") == 9
+    assert "from the uninterrupted run is 0.00e+00" in report
+    assert "| 12x256 | bf16 | 2x32 |" in report and "| MSLT stage 5 (retrain) |" in report
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -21,6 +21,7 @@ also compiles with dynamo's eager backend (inductor spends minutes compiling C++
 """
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -169,9 +170,9 @@ def no_sync_step(sizes: dict, work: str, device: torch.device) -> str:
     """Two LAMB steps with micro-batches in this process; the second under sync debug mode "error"."""
     argv = sizes["run"] + DATA + ["--optimizer", "lamb", "--device", device.type, "--out", os.path.join(work, "sync"),
                                   "--cache-dir", os.path.join(work, "cache")]
-    cfg, _ = train.parse_args(argv)
-    trainer = train.Trainer(train.finish_config(cfg, world=1), train.Dist())
-    trainer.start()
+    with contextlib.redirect_stdout(sys.stderr):  # train.py's progress lines are not part of the report
+        trainer = train.Trainer(train.finish_config(train.parse_args(argv)[0], world=1), train.Dist())
+        trainer.start()
     trainer.train_step()  # the first step allocates the optimizer state
     trainer.step += 1
     if device.type != "cuda":
