@@ -216,9 +216,9 @@ class Lamb(torch.optim.Optimizer):
         kernel reads it there), also after loading a checkpoint that kept it on the CPU."""
         state = self.state[p]
         if not state:
-            state.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
+            state.update(step=torch.zeros((), dtype=torch.float32, device=p.device), exp_avg=torch.zeros_like(p),
                          exp_avg_sq=torch.zeros_like(p))
-        state["step"] = state["step"].to(p.device, torch.float32)
+        state["step"] = state["step"].to(p.device, torch.float32)  # a no-op unless it was loaded elsewhere
         return state
 
 
