@@ -1764,6 +1764,20 @@ def test_prefetched_batches_are_the_steps_batches(tmp_path, run_cache):
     assert torch.equal(train.host_batch(padded, pin=False)["attention_mask"], padded["attention_mask"])
 
 
+def test_the_training_clock_waits_for_the_device_before_each_pause(tmp_path, run_cache):
+    """Statistics are read one step late, except after the steps where the loop pauses (log, validation,
+    save, switch, end, stop): those must finish inside the training time, or `wall` would miss device time."""
+    t = started_trainer(["--schedule", "3:3,6:3,12:4", "--steps", "10", "--log-every", "4", "--eval-every", "6",
+                         "--save-every", "100", "--stop-after", "9", "--cache-dir", run_cache, "--out", str(tmp_path)])
+    pauses = []
+    for n in range(1, 11):
+        t.stage = t.schedule.stage_at(n - 1)[0]  # the stage of the step just done, as in the loop
+        pauses += [n] if t.pauses_after(n) else []
+    assert pauses == [3, 4, 6, 8, 9, 10]
+    t.stop_signal = 15
+    assert t.pauses_after(1)
+
+
 def test_bf16_is_the_default_only_where_native_and_tf32_only_on_cuda(monkeypatch):
     """bf16 autocast is the default of train.py and glue.py on a GPU that has bf16 natively, not on one
     that only emulates it, nor on a CPU; TF32 matmuls are switched on for CUDA only."""

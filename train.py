@@ -88,7 +88,7 @@ class TrainConfig:
     out: str = ""  # run directory; default runs/<method>
     seed: int = 0  # model initialisation and dropout
     device: str = ""  # cpu | cuda; default cuda when available
-    dtype: str = ""  # float32 | bf16 (autocast); default bf16 where supported on CUDA, else float32
+    dtype: str = ""  # float32 | bf16 (autocast); default bf16 on a GPU with native bf16, else float32
     compile: bool = False  # torch.compile the model (again after every growth)
     compile_backend: str = "inductor"  # torch.compile backend (inductor; eager or aot_eager to debug dynamo)
     log_every: int = 10  # steps between progress lines
@@ -866,6 +866,14 @@ class Trainer:
             append_jsonl(self.log_path, {"step": self.step, "stage": self.stage,
                                          "n_layer": self.model.config.n_layer, "wall": round(self.wall, 3), **record})
 
+    def pauses_after(self, steps_done: int) -> bool:
+        """Whether the loop logs, validates, saves, grows or stops after this many steps: the last step must
+        then be finished on the device before the training clock stops."""
+        c = self.cfg
+        stage = self.schedule.stage_at(steps_done)[0] if steps_done < c.steps else self.stage
+        return (any(steps_done % n == 0 for n in (c.log_every, c.eval_every, c.save_every)) or steps_done == c.steps
+                or stage != self.stage or steps_done == c.stop_after or self.stop_signal > 0)
+
     def diverged(self, r: Optional[StepStats]) -> bool:
         """True, after saying so, when step r's loss is not finite: the run stops and saves nothing more."""
         if r is None or math.isfinite(r["loss"]):
@@ -902,6 +910,9 @@ class Trainer:
                 self.compile_stage()
             t0 = time.perf_counter()
             late, r = r, self.train_step()
+            waited = r if self.pauses_after(self.step + 1) else late  # the device's time counts as training time:
+            if waited is not None:  # wait for the step before, or for this one when the loop is about to pause
+                waited.read()
             self.wall += time.perf_counter() - t0
             self.step += 1
             window_steps += 1
