@@ -118,6 +118,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    host_group: Optional[object] = None  # under NCCL, a gloo group for numbers on the host (stop flags, logs)
 
     @property
     def master(self) -> bool:
@@ -132,6 +133,7 @@ def setup_distributed(device: str) -> Dist:
     if device == "cuda":
         torch.cuda.set_device(d.local_rank)
         dist.init_process_group("nccl", device_id=torch.device("cuda", d.local_rank))  # binds NCCL to the GPU at once
+        d.host_group = dist.new_group(backend="gloo")  # averaging a host number never waits for the GPU's queue
     else:
         dist.init_process_group("gloo")
     return d
@@ -146,11 +148,13 @@ def all_reduce_mean_(t: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def all_reduce_mean(values: list, d: Dist) -> list:
-    """Average a list of floats over ranks (logged numbers are the same on every rank)."""
+    """Average a list of floats over ranks (logged numbers are the same on every rank), on the host: the
+    per-step stop flag must not wait for the GPU to finish the steps queued before it."""
     if d.world == 1:
         return values
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    return all_reduce_mean_(torch.tensor(values, dtype=torch.float64, device=device), d).tolist()
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=d.host_group)
+    return (t / d.world).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------
