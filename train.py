@@ -202,7 +202,7 @@ class Lamb(torch.optim.Optimizer):
             states = [self.init_state(p) for p in params]
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1)  # t
-            u = [self.scratch.setdefault(p, torch.empty_like(p)) for p in params]
+            u = [self.scratch[p] for p in params]
             torch._foreach_copy_(u, params)
             beta1, beta2 = g["betas"]
             torch._fused_adamw_(u, [p.grad for p in params], [s["exp_avg"] for s in states],
@@ -216,13 +216,16 @@ class Lamb(torch.optim.Optimizer):
             torch._foreach_addcmul_(params, u, list((-g["lr"] * trust).unbind()))
 
     def init_state(self, p) -> dict:
-        """Zero moments and step count at the first step; the step count lives where p does (the fused
-        kernel reads it there), also after loading a checkpoint that kept it on the CPU."""
+        """Zero moments, step count and a scratch tensor at the first step; the step count lives where p
+        does (the fused kernel reads it there), also after loading a checkpoint that kept it on the CPU."""
         state = self.state[p]
         if not state:
             state.update(step=torch.zeros((), dtype=torch.float32, device=p.device), exp_avg=torch.zeros_like(p),
                          exp_avg_sq=torch.zeros_like(p))
-        state["step"] = state["step"].to(p.device, torch.float32)  # a no-op unless it was loaded elsewhere
+        if state["step"].device != p.device:
+            state["step"] = state["step"].to(p.device, torch.float32)
+        if p not in self.scratch:
+            self.scratch[p] = torch.empty_like(p)
         return state
 
 
