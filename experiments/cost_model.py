@@ -303,7 +303,7 @@ def measure(c: bert.BertConfig, preset: str, configs, batch: int, seq: int, repe
 # The CPU comparison: the stage costs its logs gave, and the whole runs' wall times.
 
 # One step of each stage over a full 12-layer step, medians from the training logs of the CPU comparison
-# (README, "Cost of one step of each stage"; experiments/compare.py's defaults: cpu-12x128, vocab 8192,
+# (experiments/README.md, "Cost of one step of each stage"; experiments/compare.py's defaults: cpu-12x128, vocab 8192,
 # batch 32 x 128; bf16 autocast, one thread per run, two runs at a time on a 2-vCPU AMD EPYC; stacking with
 # AdamW, MSLT with LAMB, whose seed-0 runs predate the faster `Lamb`: 46 ms a step then, 11 ms now). The logs
 # themselves are not kept; the runs' training wall times are in experiments/results/results.json.
