@@ -139,12 +139,13 @@ def test_no_attention_mask_equals_an_all_ones_mask(pre_norm, device):
     model = small_model(pre_norm=pre_norm).to(device)
     batch = {k: v[:1].to(device) for k, v in random_batch().items()}  # row 0 has no padding
     ones = torch.ones_like(batch["input_ids"])
+    tolerance = dict(rtol=1e-5, atol=1e-6) if device == "cpu" else dict(rtol=1e-3, atol=1e-4)  # CUDA: other kernels
     with torch.no_grad():
         for need_weights in (False, True):
             masked = model.encode(batch["input_ids"], batch["token_type_ids"], ones, need_weights=need_weights)
             unmasked = model.encode(batch["input_ids"], batch["token_type_ids"], None, need_weights=need_weights)
             for a, b in zip(masked[:2] + tuple(masked[2]), unmasked[:2] + tuple(unmasked[2])):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(a, b, **tolerance)
         torch.testing.assert_close(model(**dict(batch, attention_mask=ones)).loss, model(**dict(batch, attention_mask=None)).loss)
 
 
