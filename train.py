@@ -1180,6 +1180,8 @@ def run_training(argv=None) -> int:
         trainer = Trainer(cfg, d)
         trainer.start()
         code = run_until_signalled(trainer)
+        trainer.prefetch.pool.shutdown(cancel_futures=True)
+        del trainer  # its DDP wrapper holds the process group: let both go before the group is destroyed
         if d.world > 1:  # only after a normal end: a rank that failed never reaches a barrier the others wait in
             dist.barrier()  # rank 0 may still be plotting; tearing gloo down under it can crash the process
             dist.destroy_process_group()
