@@ -29,7 +29,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -63,6 +62,7 @@ class TrainConfig:
     batch_size: int = 32  # global batch (examples per optimizer step, all ranks and micro-batches)
     micro_batch: int = 0  # examples per forward/backward on one rank; 0 = batch_size / world size
     data_seed: int = 0  # seed of corpus split, pairs and masks
+    workers: int = 0  # processes that build the token cache (0 = every core this process may use)
     # optimizer
     optimizer: str = "adam"  # adam (AdamW, decoupled decay) | lamb
     lr: float = 2e-3  # peak learning rate
@@ -91,7 +91,7 @@ class TrainConfig:
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE_CHANGES = {"out", "device", "compile", "log_every", "eval_every", "save_every", "resume", "overwrite",
-                     "stop_after", "cache_dir", "corpus"}
+                     "stop_after", "cache_dir", "corpus", "workers"}
 # Fields that concern one invocation or machine only: --resume never takes them from the checkpoint.
 INVOCATION_ONLY = {"out", "resume", "overwrite", "stop_after", "device"}
 
@@ -595,11 +595,9 @@ class Trainer:
 
 
 def reference_line(prepared) -> str:
-    """What a model that ignores context scores, to read the losses against."""
-    tokens = prepared.train.tokens
-    counts = np.bincount(tokens, minlength=prepared.tokenizer.vocab_size)[len(data.SPECIALS):]
+    """What a model that ignores context scores, to read the losses against (computed when the cache was built)."""
     return (f"reference: unigram entropy {prepared.unigram_entropy:.3f} nats (MLM loss ignoring context); "
-            f"guessing the most frequent token gives MLM accuracy {counts.max() / counts.sum():.3f}; NSP chance 0.693 / 0.5")
+            f"guessing the most frequent token gives MLM accuracy {prepared.majority_accuracy:.3f}; NSP chance 0.693 / 0.5")
 
 
 def make_schedule(cfg: TrainConfig):
@@ -611,15 +609,49 @@ def make_schedule(cfg: TrainConfig):
 
 
 def prepare_data(cfg: TrainConfig, d: Dist):
-    """Tokenize once on rank 0 (cached), then every rank memory-maps the same arrays."""
+    """Tokenize once on rank 0 (cached), then every rank memory-maps the same arrays.
+
+    The other ranks wait on the file system, not in a collective: building a large corpus's cache takes
+    longer than a process group's timeout (NCCL's default: 10 minutes). Rank 0 writes
+    <cache_dir>/build-status.json when it is done or has failed, and a failure ends every rank with its error."""
     dcfg = data.DataConfig(corpus=list(cfg.corpus), cache_dir=cfg.cache_dir, vocab_size=cfg.vocab_size,
-                           seed=cfg.data_seed, seq_len=cfg.seq_len)
-    if d.world > 1 and not d.master:
-        dist.barrier()
-    prepared = data.prepare(dcfg, progress=print if d.master else (lambda *a, **k: None))
-    if d.world > 1 and d.master:
-        dist.barrier()
+                           seed=cfg.data_seed, seq_len=cfg.seq_len, workers=cfg.workers)
+    status = os.path.join(cfg.cache_dir, "build-status.json")
+    if d.world > 1:
+        if d.master:
+            os.makedirs(cfg.cache_dir, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(status)
+        dist.barrier()  # quick: every rank has just joined; from here on a status file is this run's
+        if not d.master:
+            return wait_for_cache(status, cfg.cache_dir)
+    try:
+        prepared = data.prepare(dcfg, progress=print)
+    except BaseException as e:
+        bad_input = isinstance(e, data.DataError)
+        if d.world > 1:
+            write_status(status, str(e) if bad_input else f"rank 0 stopped building the token cache ({type(e).__name__})")
+        if bad_input:
+            raise SystemExit(f"error: {e}")
+        raise
+    if d.world > 1:
+        write_status(status, None)
     return prepared
+
+
+def write_status(path: str, error: Optional[str]):
+    bert.atomic_write(path, lambda f: f.write(json.dumps({"error": error}).encode()))
+
+
+def wait_for_cache(status: str, cache_dir: str, poll: float = 0.5) -> data.Prepared:
+    """The cache rank 0 builds, once its status file says it is done; its error if it failed."""
+    while not os.path.exists(status):
+        time.sleep(poll)
+    with open(status) as f:
+        error = json.load(f)["error"]
+    if error:
+        raise SystemExit(f"error: {error}")
+    return data.open_cache(cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -654,6 +686,8 @@ def parse_args(argv=None) -> tuple:
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch in examples")
     g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="examples per forward pass per rank (0 = batch/world)")
     g.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of split, pairs and masks")
+    g.add_argument("--workers", type=int, default=d.workers,
+                   help="processes that build the token cache (0 = every core); any number gives the same cache")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default=d.optimizer, choices=["adam", "lamb"], help="AdamW or LAMB")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
