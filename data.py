@@ -23,6 +23,7 @@ synthetic language is used, so a bare run is a smoke test:
 
 import argparse
 import codecs
+import contextlib
 import hashlib
 import heapq
 import io
@@ -328,6 +329,7 @@ def split_sentences(paragraph: str) -> list:
 
 CHUNK_BYTES = 1 << 22  # plain-text input is cut into chunks of about 4 MB at document boundaries
 SYNTHETIC_CHUNK_DOCS = 500  # documents per chunk of the synthetic corpus
+WORKER_CACHE = 1 << 18  # a worker empties its tokenizer's pre-token cache when it grows past this many entries
 BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")  # ends a document of a 'lines' file
 TITLE_LINE = re.compile(rb"\n[ \t\r\f\v]*= [^=\r\n][^\r\n]* =[ \t\r\f\v]*(?=\n)")  # WIKI_TITLE on raw bytes
 
@@ -534,7 +536,7 @@ class DataConfig:
     decode_errors: str = "strict"  # "strict": non-UTF-8 input is an error; "replace": decode it as U+FFFD
     layout: str = "auto"  # plain-text layout: "lines" (BERT's format), "book" (file = one document), "auto"
     synthetic_docs: int = 2000  # documents in the synthetic corpus (when corpus is empty)
-    max_pretokens: int = 1 << 20  # BPE counts the most frequent this many distinct pre-tokens (see _count_pass)
+    max_pretokens: int = 1 << 19  # BPE counts the most frequent this many distinct pre-tokens (see _count_pass)
     workers: int = 0  # processes that read and encode (0 = every core this process may use); same output
 
 
@@ -634,17 +636,21 @@ def _load_cache(cache_dir: str, key) -> tuple:
 # parent appends the arrays to the .npy files in corpus order. Each chunk's result depends on the chunk alone,
 # so any number of workers writes the same bytes as one.
 
-_task = {}  # the build's settings inside the process that reads chunks (set by _set_task)
+_task = {}  # the settings of the pass a process is reading chunks for (set by _run)
 
 
-def _set_task(settings: dict):
-    """Settings of the pass: seed, valid_fraction, decode_errors, lowercase, count (pass 1), merges (pass 2)."""
-    _task.clear()
-    _task.update(settings)
-    _task["tokenizer"] = Tokenizer(settings.get("merges", []), settings["lowercase"])
+def _run(fn, chunk: Chunk, settings: dict):
+    """fn(chunk) under the pass's settings: seed, valid_fraction, decode_errors, lowercase, count (pass 1),
+    tokenizer and extra_valid (pass 2). A process loads them on its first chunk of a pass."""
+    if _task.get("settings") != settings:
+        _task.clear()
+        _task.update(settings, settings=settings)
+        merges = Tokenizer.load(settings["tokenizer"]).merges if settings.get("tokenizer") else []
+        _task["tokenizer"] = Tokenizer(merges, settings["lowercase"])
+    return fn(chunk)
 
 
-def _start_worker(settings: dict):
+def _start_worker():
     """Worker process set-up: Ctrl-C is for the parent (which ends the pool), and a worker whose parent is
     gone (killed) exits instead of waiting for work forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -655,7 +661,6 @@ def _start_worker(settings: dict):
             time.sleep(1)
         os._exit(1)
     threading.Thread(target=exit_when_orphaned, daemon=True).start()
-    _set_task(settings)
 
 
 def _scored(docs: list) -> list:
@@ -682,6 +687,8 @@ def _encode_chunk(chunk: Chunk) -> dict:
     histogram of the training ones."""
     docs, _ = chunk_documents(chunk, _task["decode_errors"])
     tok, quiet = _task["tokenizer"], (lambda *args: None)
+    if len(tok.cache) > WORKER_CACHE:  # bounded memory: the frequent pre-tokens come back at once
+        tok.cache.clear()
     scored = _scored(docs)
     splits = [tokenize_documents([s for _, _, s, valid in scored if valid == want], tok, progress=quiet)
               for want in (False, True)]
@@ -689,24 +696,24 @@ def _encode_chunk(chunk: Chunk) -> dict:
                 docs=len(docs))
 
 
-def _ordered_map(fn, chunks, workers: int, settings: dict):
-    """fn(chunk) for every chunk, yielded in input order. With workers > 1 in a process pool, at most two
-    chunks per worker in flight (bounded memory). An exception in a worker (bad input) or a worker that dies
-    ends the map at once: queued chunks are cancelled and the pool is shut down."""
-    if workers == 1:
-        _set_task(settings)
-        yield from map(fn, chunks)
+def _ordered_map(fn, chunks, settings: dict, pool, workers: int):
+    """fn(chunk) for every chunk, yielded in input order: in this process (pool None) or in the pool's
+    workers, at most two chunks per worker in flight (bounded memory). An exception in a worker (bad input)
+    or a worker that dies ends the map at once: the chunks still queued are cancelled."""
+    if pool is None:
+        yield from (_run(fn, chunk, settings) for chunk in chunks)
         return
-    pool, pending = ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(settings,)), deque()
+    pending = deque()
     try:
         for chunk in chunks:
-            pending.append((pool.submit(fn, chunk), f"{chunk.path} (from byte {chunk.offset}, line {chunk.line})"))
+            pending.append((pool.submit(_run, fn, chunk, settings), f"{chunk.path} (from byte {chunk.offset}, line {chunk.line})"))
             if len(pending) > 2 * workers:
                 yield _result(*pending.popleft())
         while pending:
             yield _result(*pending.popleft())
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for future, _ in pending:
+            future.cancel()
 
 
 def _result(future, where: str):
@@ -744,7 +751,7 @@ def _most_frequent(counts: Counter, n: int) -> Counter:
     return Counter(dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]))
 
 
-def _count_pass(cfg: DataConfig, chunks, total: int, workers: int, progress) -> tuple:
+def _count_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, progress) -> tuple:
     """(pre-token counts of the training documents, report, keys of documents moved to validation).
 
     The split: a document is for validation when its split_score is below valid_fraction, and if that gives
@@ -756,7 +763,7 @@ def _count_pass(cfg: DataConfig, chunks, total: int, workers: int, progress) -> 
     meter = _Meter("pass 1/2, read + count", total, progress)
     settings = dict(seed=cfg.seed, valid_fraction=cfg.valid_fraction, decode_errors=cfg.decode_errors,
                     lowercase=cfg.lowercase, count=not cfg.tokenizer)
-    for r in _ordered_map(_count_chunk, chunks, workers, settings):
+    for r in _ordered_map(_count_chunk, chunks, settings, pool, workers):
         report.update(r["report"])
         n_valid += r["n_valid"]
         counts.update(r["counts"])
@@ -814,7 +821,7 @@ class _ArrayWriter:
             os.remove(self.tmp)
 
 
-def _encode_pass(cfg: DataConfig, chunks, total: int, workers: int, tok: Tokenizer, extra_valid: list,
+def _encode_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, tok: Tokenizer, extra_valid: list,
                  progress) -> tuple:
     """Encode every chunk (in workers) and append its arrays to the cache's .npy files in corpus order;
     (file sizes, token histogram of the train split)."""
@@ -822,13 +829,14 @@ def _encode_pass(cfg: DataConfig, chunks, total: int, workers: int, tok: Tokeniz
     writers = {f"{s}.{a}": _ArrayWriter(os.path.join(cfg.cache_dir, f"{s}.{a}.npy"), token_dtype if a == "tokens" else np.int64)
                for s in ("train", "valid") for a in SPLIT_ARRAYS}
     settings = dict(seed=cfg.seed, valid_fraction=cfg.valid_fraction, decode_errors=cfg.decode_errors,
-                    lowercase=cfg.lowercase, merges=tok.merges, extra_valid=set(extra_valid))
+                    lowercase=cfg.lowercase, tokenizer=os.path.join(cfg.cache_dir, "tokenizer.json"),
+                    tokenizer_hash=tok.hash(), extra_valid=extra_valid)  # the hash tells rebuilds apart
     counts, meter = np.zeros(tok.vocab_size, np.int64), _Meter("pass 2/2, encode", total, progress)
     try:
         for s in ("train", "valid"):
             writers[f"{s}.sent_starts"].append([0])
             writers[f"{s}.doc_starts"].append([0])
-        for r in _ordered_map(_encode_chunk, chunks, workers, settings):
+        for r in _ordered_map(_encode_chunk, chunks, settings, pool, workers):
             for s, split in zip(("train", "valid"), r["splits"]):
                 n_tokens, n_sentences = writers[f"{s}.tokens"].n, writers[f"{s}.sent_starts"].n - 1
                 writers[f"{s}.tokens"].append(split.tokens)
@@ -893,16 +901,18 @@ def _build_cache(cfg: DataConfig, key: dict, progress):
     total, chunks = _corpus(cfg)
     workers = worker_count(cfg.workers, total)
     progress(f"  {total / 1e6:,.1f} MB of input, {workers} worker process{'es' if workers > 1 else ''}")
-    counts, report, extra_valid = _count_pass(cfg, chunks(), total, workers, progress)
-    if cfg.tokenizer:
-        tok = Tokenizer.load(cfg.tokenizer)
-    else:
-        t0 = time.time()
-        tok = Tokenizer.from_counts(counts, cfg.vocab_size, cfg.lowercase, progress)
-        progress(f"trained BPE: {tok.vocab_size} tokens in {time.time() - t0:.1f} s")
-    del counts
-    tok.save(os.path.join(cfg.cache_dir, "tokenizer.json"))
-    sizes, token_hist = _encode_pass(cfg, chunks(), total, workers, tok, extra_valid, progress)
+    # one pool for both passes, started while this process is small: forked workers share its pages
+    with ProcessPoolExecutor(workers, initializer=_start_worker) if workers > 1 else contextlib.nullcontext() as pool:
+        counts, report, extra_valid = _count_pass(cfg, chunks(), total, pool, workers, progress)
+        if cfg.tokenizer:
+            tok = Tokenizer.load(cfg.tokenizer)
+        else:
+            t0 = time.time()
+            tok = Tokenizer.from_counts(counts, cfg.vocab_size, cfg.lowercase, progress)
+            progress(f"trained BPE: {tok.vocab_size} tokens in {time.time() - t0:.1f} s")
+        del counts
+        tok.save(os.path.join(cfg.cache_dir, "tokenizer.json"))
+        sizes, token_hist = _encode_pass(cfg, chunks(), total, pool, workers, tok, extra_valid, progress)
     header = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "tokenizer_hash": tok.hash(),
               "sizes": sizes, "report": report, "stats": token_stats(token_hist)}
     atomic_write(header_path, lambda f: f.write(json.dumps(header, indent=1).encode()))

@@ -20,6 +20,7 @@ import json
 import os
 import random
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -152,21 +153,23 @@ def build_once(files: list, cache: str, workers: int, vocab_size: int) -> dict:
     subprocess.run(["rm", "-rf", cache], check=True)
     cmd = [sys.executable, os.path.join(ROOT, "data.py"), "--corpus", *files, "--out", cache,
            "--vocab-size", str(vocab_size), "--workers", str(workers)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, peak_rss, peak_pss = [], 0, 0
-    os.set_blocking(proc.stdout.fileno(), False)
-    while proc.poll() is None:
-        rss, pss = tree_memory(proc.pid)
-        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-        lines += (proc.stdout.read() or "").splitlines()
-        time.sleep(0.2)
-    wall = time.perf_counter() - t0
-    lines += (proc.stdout.read() or "").splitlines()
+    log = cache + ".log"
+    cpu0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        peak_rss = peak_pss = 0
+        while proc.poll() is None:
+            rss, pss = tree_memory(proc.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            time.sleep(0.2)
+    wall, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime  # data.py and its reaped workers
+    with open(log) as f:
+        lines = f.read().splitlines()
     if proc.returncode:
         raise SystemExit(f"error: {' '.join(cmd)} failed:\n" + "\n".join(lines[-20:]))
     distinct = next((l.split("bpe: ")[1].split(" distinct")[0] for l in lines if "distinct pre-tokens" in l), "?")
-    return dict(wall=wall, peak_rss=peak_rss, peak_pss=peak_pss, distinct=distinct, output=lines)
+    return dict(wall=wall, cpu=cpu, peak_rss=peak_rss, peak_pss=peak_pss, distinct=distinct, output=lines)
 
 
 def scale(args):
@@ -176,8 +179,8 @@ def scale(args):
     if args.generate_only:
         return
     rows = []
-    print(f"| corpus | distinct pre-tokens | workers | wall | MB/s | peak RSS, tree | peak PSS, tree |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| corpus | distinct pre-tokens | workers | wall | MB/s | CPU time | peak RSS, tree | peak PSS, tree |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         part = files[:round(size * 1e9 / PART_BYTES)]
         mb = sum(os.path.getsize(f) for f in part) / 1e6
@@ -185,7 +188,7 @@ def scale(args):
             r = build_once(part, os.path.join(args.scale_dir, "cache"), workers, args.scale_vocab_size)
             rows.append(dict(r, size=size, mb=mb, workers=workers))
             print(f"| {mb / 1e3:.2f} GB | {r['distinct']} | {workers} | {r['wall']:.0f} s | {mb / r['wall']:.2f} | "
-                  f"{r['peak_rss'] / 1e9:.2f} GB | {r['peak_pss'] / 1e9:.2f} GB |", flush=True)
+                  f"{r['cpu']:.0f} s | {r['peak_rss'] / 1e9:.2f} GB | {r['peak_pss'] / 1e9:.2f} GB |", flush=True)
     with open(os.path.join(args.scale_dir, "results.json"), "w") as f:
         json.dump([{k: v for k, v in r.items() if k != "output"} for r in rows], f, indent=1)
     print(f"\n{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
