@@ -696,32 +696,50 @@ def _encode_chunk(chunk: Chunk) -> dict:
                 docs=len(docs))
 
 
+@contextlib.contextmanager
+def _worker_pool(workers: int):
+    """A pool of `workers` processes (None for one: chunks are then read in this process). On leaving,
+    also by an error, the chunks still queued are dropped and the workers end."""
+    if workers == 1:
+        yield None
+        return
+    pool = ProcessPoolExecutor(workers, initializer=_start_worker)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _ordered_map(fn, chunks, settings: dict, pool, workers: int):
     """fn(chunk) for every chunk, yielded in input order: in this process (pool None) or in the pool's
     workers, at most two chunks per worker in flight (bounded memory). An exception in a worker (bad input)
-    or a worker that dies ends the map at once: the chunks still queued are cancelled."""
+    or a worker that dies ends the map at once."""
     if pool is None:
         yield from (_run(fn, chunk, settings) for chunk in chunks)
         return
     pending = deque()
-    try:
-        for chunk in chunks:
-            pending.append((pool.submit(_run, fn, chunk, settings), f"{chunk.path} (from byte {chunk.offset}, line {chunk.line})"))
-            if len(pending) > 2 * workers:
-                yield _result(*pending.popleft())
-        while pending:
-            yield _result(*pending.popleft())
-    finally:
-        for future, _ in pending:
-            future.cancel()
+    for chunk in chunks:
+        try:
+            future = pool.submit(_run, fn, chunk, settings)
+        except BrokenProcessPool:
+            _next_result(pending)  # raises, naming where reading was
+        pending.append((future, f"{chunk.path} from byte {chunk.offset} (line {chunk.line})"))
+        if len(pending) > 2 * workers:
+            yield _next_result(pending)
+    while pending:
+        yield _next_result(pending)
 
 
-def _result(future, where: str):
+def _next_result(pending: deque):
+    """The oldest chunk's result; a dead worker (which breaks the whole pool) becomes a DataError."""
+    future, where = pending[0]
     try:
-        return future.result()
+        result = future.result()
     except BrokenProcessPool:
-        raise DataError(f"a worker process died while reading {where}; out of memory? Retry with fewer "
-                        f"--workers") from None
+        raise DataError(f"a worker process died (out of memory? killed?) while the chunks from {where} on were "
+                        f"read; no cache was written. Retry, with fewer --workers if memory is short") from None
+    pending.popleft()
+    return result
 
 
 class _Meter:
@@ -902,7 +920,7 @@ def _build_cache(cfg: DataConfig, key: dict, progress):
     workers = worker_count(cfg.workers, total)
     progress(f"  {total / 1e6:,.1f} MB of input, {workers} worker process{'es' if workers > 1 else ''}")
     # one pool for both passes, started while this process is small: forked workers share its pages
-    with ProcessPoolExecutor(workers, initializer=_start_worker) if workers > 1 else contextlib.nullcontext() as pool:
+    with _worker_pool(workers) as pool:
         counts, report, extra_valid = _count_pass(cfg, chunks(), total, pool, workers, progress)
         if cfg.tokenizer:
             tok = Tokenizer.load(cfg.tokenizer)

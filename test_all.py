@@ -597,8 +597,10 @@ def test_a_worker_that_dies_ends_the_build(tmp_path, monkeypatch, data_corpus_fi
         return read(chunk, *args)
     monkeypatch.setattr(data, "CHUNK_BYTES", 4096)
     monkeypatch.setattr(data, "chunk_documents", die_on_jsonl)
-    with pytest.raises(DataError, match=r"worker process died while reading .*b\.jsonl \(from byte \d+, line \d+\)"):
+    with pytest.raises(DataError, match=r"worker process died .* from (\S+) from byte \d+ \(line \d+\) on") as e:
         data_prep(folder, tmp_path / "cache", workers=2)
+    files = data._corpus_files([folder])  # the chunk named is the oldest in flight: b.jsonl's or one before it
+    assert files.index(e.value.args[0].split(" from ")[1]) <= files.index(os.path.join(folder, "b.jsonl"))
     assert_no_usable_cache(tmp_path / "cache")
 
 

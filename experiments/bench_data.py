@@ -178,19 +178,19 @@ def scale(args):
     files = generate_corpus(folder, max(args.sizes) * 1e9, [args.gutenberg, args.brown, args.wikitext], args.perturb)
     if args.generate_only:
         return
-    rows = []
-    print(f"| corpus | distinct pre-tokens | workers | wall | MB/s | CPU time | peak RSS, tree | peak PSS, tree |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| corpus | distinct pre-tokens | workers | wall | MB/s | CPU time | peak RSS, tree | peak PSS, tree | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         part = files[:round(size * 1e9 / PART_BYTES)]
         mb = sum(os.path.getsize(f) for f in part) / 1e6
         for workers in args.workers:
             r = build_once(part, os.path.join(args.scale_dir, "cache"), workers, args.scale_vocab_size)
-            rows.append(dict(r, size=size, mb=mb, workers=workers))
+            load = os.getloadavg()[0]  # other work on the machine at the end of the build
             print(f"| {mb / 1e3:.2f} GB | {r['distinct']} | {workers} | {r['wall']:.0f} s | {mb / r['wall']:.2f} | "
-                  f"{r['cpu']:.0f} s | {r['peak_rss'] / 1e9:.2f} GB | {r['peak_pss'] / 1e9:.2f} GB |", flush=True)
-    with open(os.path.join(args.scale_dir, "results.json"), "w") as f:
-        json.dump([{k: v for k, v in r.items() if k != "output"} for r in rows], f, indent=1)
+                  f"{r['cpu']:.0f} s | {r['peak_rss'] / 1e9:.2f} GB | {r['peak_pss'] / 1e9:.2f} GB | {load:.1f} |", flush=True)
+            with open(os.path.join(args.scale_dir, "results.jsonl"), "a") as f:  # one line per build, kept
+                row = dict(size=size, mb=mb, workers=workers, load=load, **{k: v for k, v in r.items() if k != "output"})
+                f.write(json.dumps(row) + "\n")
     print(f"\n{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
 
 
