@@ -135,6 +135,7 @@ def learn_merges(words: dict, n_merges: int, progress=None) -> list:
 
 
 def check_vocab_size(vocab_size: int):
+    """Fail before any work on a vocabulary without room for the 261 base tokens."""
     if vocab_size < N_BASE:
         raise DataError(f"vocab_size={vocab_size} is too small: at least {N_BASE} (5 specials + 256 bytes)")
 
@@ -764,6 +765,12 @@ class _Meter:
                       f"{self.docs:,} documents, {elapsed:.0f} s, ETA {max(eta, 0):.0f} s")
 
 
+def _settings(cfg: DataConfig, **more) -> dict:
+    """What a worker needs of cfg to read a chunk (see _run), plus the pass's own settings."""
+    return dict(seed=cfg.seed, valid_fraction=cfg.valid_fraction, decode_errors=cfg.decode_errors,
+                lowercase=cfg.lowercase, **more)
+
+
 def _most_frequent(counts: Counter, n: int) -> Counter:
     """The n most frequent pre-tokens (ties: the smaller string), independent of the order counts came in."""
     return Counter(dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]))
@@ -779,8 +786,7 @@ def _count_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, progres
     Below that size the counts are exact."""
     report, counts, spare, n_valid = Counter(documents=0, sentences=0, skipped_short_documents=0), Counter(), [], 0
     meter = _Meter("pass 1/2, read + count", total, progress)
-    settings = dict(seed=cfg.seed, valid_fraction=cfg.valid_fraction, decode_errors=cfg.decode_errors,
-                    lowercase=cfg.lowercase, count=not cfg.tokenizer)
+    settings = _settings(cfg, count=not cfg.tokenizer)
     for r in _ordered_map(_count_chunk, chunks, settings, pool, workers):
         report.update(r["report"])
         n_valid += r["n_valid"]
@@ -846,9 +852,8 @@ def _encode_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, tok: T
     token_dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32
     writers = {f"{s}.{a}": _ArrayWriter(os.path.join(cfg.cache_dir, f"{s}.{a}.npy"), token_dtype if a == "tokens" else np.int64)
                for s in ("train", "valid") for a in SPLIT_ARRAYS}
-    settings = dict(seed=cfg.seed, valid_fraction=cfg.valid_fraction, decode_errors=cfg.decode_errors,
-                    lowercase=cfg.lowercase, tokenizer=os.path.join(cfg.cache_dir, "tokenizer.json"),
-                    tokenizer_hash=tok.hash(), extra_valid=extra_valid)  # the hash tells rebuilds apart
+    settings = _settings(cfg, tokenizer=os.path.join(cfg.cache_dir, "tokenizer.json"), tokenizer_hash=tok.hash(),
+                         extra_valid=extra_valid)  # the hash tells rebuilds into the same folder apart
     counts, meter = np.zeros(tok.vocab_size, np.int64), _Meter("pass 2/2, encode", total, progress)
     try:
         for s in ("train", "valid"):
