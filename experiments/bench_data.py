@@ -7,7 +7,8 @@ and, for scale, the training step of a 12-layer x 256-hidden BERT on the same ba
 With --scale it measures instead the whole cache build (`python data.py --corpus ... --out ...`) on corpora of
 growing size: JSONL copies of the shared text, documents of 20 paragraphs, 3% of the words of every copy
 after the first perturbed (one letter changed), so that distinct words keep growing as they do in real text.
-For each size and worker count it prints wall time, MB/s and the peak memory of the whole process tree.
+For each size and worker count it prints wall time, MB/s, CPU time, the pre-tokens BPE trained on and the
+peak memory of the whole process tree, with the load average (other work on the machine) at the end.
 
     python experiments/bench_data.py                       # defaults: ../shared/data, 16384 tokens
     python experiments/bench_data.py --threads 2 --model-steps 3
@@ -178,7 +179,7 @@ def scale(args):
     files = generate_corpus(folder, max(args.sizes) * 1e9, [args.gutenberg, args.brown, args.wikitext], args.perturb)
     if args.generate_only:
         return
-    print("| corpus | distinct pre-tokens | workers | wall | MB/s | CPU time | peak RSS, tree | peak PSS, tree | load |")
+    print("| corpus | BPE table | workers | wall | MB/s | CPU time | peak RSS, tree | peak PSS, tree | load |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         part = files[:round(size * 1e9 / PART_BYTES)]
