@@ -921,6 +921,10 @@ def _build_cache(cfg: DataConfig, key: dict, progress):
     header_path = os.path.join(cfg.cache_dir, "header.json")
     if os.path.exists(header_path):
         os.remove(header_path)
+    own = {"header.json", "tokenizer.json"} | {f"{s}.{a}.npy" for s in ("train", "valid") for a in SPLIT_ARRAYS}
+    for name in os.listdir(cfg.cache_dir):  # temporaries of a build that was killed
+        if name.split(".tmp")[0] in own and ".tmp" in name:
+            os.remove(os.path.join(cfg.cache_dir, name))
     total, chunks = _corpus(cfg)
     workers = worker_count(cfg.workers, total)
     progress(f"  {total / 1e6:,.1f} MB of input, {workers} worker process{'es' if workers > 1 else ''}")

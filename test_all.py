@@ -616,8 +616,10 @@ def test_interrupted_build_leaves_no_usable_cache(tmp_path, monkeypatch, data_co
         data_prep(data_corpus_file, cache, seed=1, workers=1)
     assert_no_usable_cache(cache)
     monkeypatch.setattr(data, "tokenize_documents", encode)
+    (cache / "train.tokens.npy.tmp99999").write_bytes(b"left by a killed build")
     again = data_prep(data_corpus_file, cache)
     assert not again.reused and np.array_equal(again.train.tokens, first.train.tokens)
+    assert not (cache / "train.tokens.npy.tmp99999").exists()
 
 
 SLOW_BUILD_LAUNCHER = """
