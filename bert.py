@@ -7,7 +7,8 @@ Stacking", section 3; MSLT, "Progressively Stacking 2.0", section 3.2). Two layo
   numbers as `transformers.BertForPreTraining` (see `save_hf` / `load_hf` and the equivalence test).
 - pre-LN (`pre_norm=True`): LayerNorm before each sub-layer and a final LayerNorm, the layout of the
   stacking paper's own code. A layer whose two output projections are zero is then an exact identity,
-  which is what the paper's *identity* baseline relies on (section 4.1).
+  which is what the paper's *identity* baseline relies on (section 4.1). transformers has this layout as
+  `RobertaPreLayerNormForMaskedLM`, which `save_hf` writes (without pooler and NSP head, which it lacks).
 
 The encoder layers are a plain `nn.ModuleList` of blocks, so growth operators (stack.py) can stack, copy
 and share them; with `group_size > 1` consecutive layers share one block (ALBERT-style, per group).
@@ -17,6 +18,7 @@ backward stops at the first trainable layer: MSLT's speed comes from that alone.
 Run `python bert.py` for a tiny forward/backward smoke test and a parameter count of each preset.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -237,62 +239,125 @@ def init_weights(module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# HuggingFace interop: transformers' BertForPreTraining names and layout, no run-time dependency on it.
+# HuggingFace interop: transformers' names and layouts, no run-time dependency on it. A post-LN model is
+# BertForPreTraining. A pre-LN model is RobertaPreLayerNormForMaskedLM: the same embeddings, pre-LN blocks,
+# final LayerNorm and MLM head, but no pooler and no NSP head (RoBERTa pre-trains without NSP), so those two
+# are not exported. Shared (ALBERT-group) blocks are written once per layer and load back unshared.
+
+HF_PAD = 0  # [PAD]'s id (data.PAD); RoBERTa's position ids start after it: our position i is its row HF_PAD + 1 + i
+ROBERTA_POSITIONS = "roberta_prelayernorm.embeddings.position_embeddings.weight"
+# Weights transformers may write although they are tied to others (or buffers): never read, only checked.
+HF_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+           "lm_head.decoder.weight": "roberta_prelayernorm.embeddings.word_embeddings.weight",
+           "cls.predictions.decoder.bias": "cls.predictions.bias", "lm_head.decoder.bias": "lm_head.bias"}
+HF_BUFFERS = {"bert.embeddings.position_ids", "roberta_prelayernorm.embeddings.position_ids"}
 
 
-def _hf_layer_tensors(i, block):
-    """HF names -> tensors of encoder layer i (q, k, v are separate there, fused here)."""
-    p = f"bert.encoder.layer.{i}."
+def _hf_layer_tensors(prefix: str, block: Block) -> dict:
+    """HF names -> tensors of one encoder layer (q, k, v are separate there, fused here). The LayerNorms sit
+    after each residual add in BERT ("output.LayerNorm") and before each sub-layer in RobertaPreLayerNorm."""
+    p = prefix
     qw, kw, vw = block.attn.qkv.weight.chunk(3)
     qb, kb, vb = block.attn.qkv.bias.chunk(3)
+    ln_attn, ln_ffn = ("attention.LayerNorm", "intermediate.LayerNorm") if block.pre_norm else \
+        ("attention.output.LayerNorm", "output.LayerNorm")
     return {
         p + "attention.self.query.weight": qw, p + "attention.self.query.bias": qb,
         p + "attention.self.key.weight": kw, p + "attention.self.key.bias": kb,
         p + "attention.self.value.weight": vw, p + "attention.self.value.bias": vb,
         p + "attention.output.dense.weight": block.attn.out.weight,
         p + "attention.output.dense.bias": block.attn.out.bias,
-        p + "attention.output.LayerNorm.weight": block.ln_attn.weight,
-        p + "attention.output.LayerNorm.bias": block.ln_attn.bias,
+        p + ln_attn + ".weight": block.ln_attn.weight, p + ln_attn + ".bias": block.ln_attn.bias,
         p + "intermediate.dense.weight": block.ffn.inner.weight, p + "intermediate.dense.bias": block.ffn.inner.bias,
         p + "output.dense.weight": block.ffn.out.weight, p + "output.dense.bias": block.ffn.out.bias,
-        p + "output.LayerNorm.weight": block.ln_ffn.weight, p + "output.LayerNorm.bias": block.ln_ffn.bias,
+        p + ln_ffn + ".weight": block.ln_ffn.weight, p + ln_ffn + ".bias": block.ln_ffn.bias,
     }
+
+
+def _hf_views(model: Bert) -> dict:
+    """HF names -> live views of our parameters, BertForPreTraining's names for post-LN models and
+    RobertaPreLayerNormForMaskedLM's for pre-LN ones (q, k, v are row blocks of the fused qkv)."""
+    m = model
+    base = "roberta_prelayernorm." if m.config.pre_norm else "bert."
+    views = {
+        base + "embeddings.word_embeddings.weight": m.tok_emb.weight,
+        base + "embeddings.position_embeddings.weight": m.pos_emb.weight,
+        base + "embeddings.token_type_embeddings.weight": m.seg_emb.weight,
+        base + "embeddings.LayerNorm.weight": m.emb_ln.weight, base + "embeddings.LayerNorm.bias": m.emb_ln.bias,
+    }
+    for i, block in enumerate(m.layers):
+        views.update(_hf_layer_tensors(f"{base}encoder.layer.{i}.", block))
+    if m.config.pre_norm:
+        views.update({
+            base + "LayerNorm.weight": m.final_ln.weight, base + "LayerNorm.bias": m.final_ln.bias,
+            "lm_head.dense.weight": m.mlm_dense.weight, "lm_head.dense.bias": m.mlm_dense.bias,
+            "lm_head.layer_norm.weight": m.mlm_ln.weight, "lm_head.layer_norm.bias": m.mlm_ln.bias,
+            "lm_head.bias": m.mlm_bias,
+        })
+        return views
+    views.update({
+        "bert.pooler.dense.weight": m.pooler.weight, "bert.pooler.dense.bias": m.pooler.bias,
+        "cls.predictions.transform.dense.weight": m.mlm_dense.weight,
+        "cls.predictions.transform.dense.bias": m.mlm_dense.bias,
+        "cls.predictions.transform.LayerNorm.weight": m.mlm_ln.weight,
+        "cls.predictions.transform.LayerNorm.bias": m.mlm_ln.bias,
+        "cls.predictions.bias": m.mlm_bias,
+        "cls.seq_relationship.weight": m.nsp.weight, "cls.seq_relationship.bias": m.nsp.bias,
+    })
+    return views
 
 
 def hf_state_dict(model: Bert) -> dict:
-    """Our weights under HuggingFace BertForPreTraining's names (shared blocks are written once per layer)."""
+    """Our weights under transformers' names (see _hf_views), as separate contiguous tensors. The pre-LN
+    position table gets HF_PAD + 1 zero rows in front: RoBERTa's first real position is row HF_PAD + 1."""
+    sd = {k: v.detach().clone().contiguous() for k, v in _hf_views(model).items()}
     if model.config.pre_norm:
-        raise ValueError("HuggingFace's BERT is post-LN; a pre_norm=True model has no HuggingFace equivalent")
-    return {k: v.detach().clone().contiguous() for k, v in _hf_views(model).items()}
+        pos = sd[ROBERTA_POSITIONS]
+        sd[ROBERTA_POSITIONS] = torch.cat([pos.new_zeros(HF_PAD + 1, pos.size(1)), pos])
+    return sd
 
 
 def hf_config(c: BertConfig) -> dict:
-    """transformers' config.json for a BertConfig."""
-    return {
-        "architectures": ["BertForPreTraining"], "model_type": "bert", "vocab_size": c.vocab_size,
-        "hidden_size": c.d_model, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-        "intermediate_size": c.d_ff, "hidden_act": "gelu", "hidden_dropout_prob": c.dropout,
-        "attention_probs_dropout_prob": c.attn_dropout, "max_position_embeddings": c.max_position,
+    """transformers' config.json for a BertConfig: BertForPreTraining (post-LN) or
+    RobertaPreLayerNormForMaskedLM (pre-LN, whose position table is HF_PAD + 1 rows longer)."""
+    common = {
+        "vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head, "intermediate_size": c.d_ff, "hidden_act": "gelu",
+        "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.attn_dropout,
         "type_vocab_size": c.n_segment, "initializer_range": 0.02, "layer_norm_eps": c.ln_eps,
-        "pad_token_id": 0, "tie_word_embeddings": True,
+        "pad_token_id": HF_PAD, "tie_word_embeddings": True,
     }
+    if c.pre_norm:
+        return {"architectures": ["RobertaPreLayerNormForMaskedLM"], "model_type": "roberta-prelayernorm",
+                "max_position_embeddings": c.max_position + HF_PAD + 1, "position_embedding_type": "absolute",
+                "bos_token_id": 2, "eos_token_id": 3, **common}  # [CLS] and [SEP] in data.py's layout
+    return {"architectures": ["BertForPreTraining"], "model_type": "bert", "max_position_embeddings": c.max_position,
+            **common}
 
 
 def save_hf(model: Bert, directory: str):
-    """Write config.json and pytorch_model.bin that transformers.BertForPreTraining.from_pretrained loads."""
+    """Write config.json and model.safetensors that transformers' AutoModelForMaskedLM loads
+    (BertForPreTraining for post-LN models, RobertaPreLayerNormForMaskedLM for pre-LN ones)."""
     sd = hf_state_dict(model)
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, "config.json"), lambda f: f.write(json.dumps(hf_config(model.config), indent=2).encode()))
-    atomic_write(os.path.join(directory, "pytorch_model.bin"), lambda f: torch.save(sd, f))
+    write_safetensors(os.path.join(directory, "model.safetensors"), sd)
 
 
 def atomic_write(path: str, write):
     """Write a file by `write(binary file object)` into a temporary beside it, then rename it into place:
-    a crash leaves the old file or none, never half a file. Every file this project writes goes through here."""
+    a crash leaves the old file or none, never half a file. A failed write (disk full, say) removes the
+    temporary before the error goes on, so it cannot keep the disk full; a killed process's temporary is
+    left for train.remove_stale_temporaries, which finds it by the pid in its name."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 _SAFETENSORS_DTYPES = {
@@ -318,6 +383,25 @@ def read_safetensors(path: str) -> dict:
     return out
 
 
+def write_safetensors(path: str, tensors: dict):
+    """Write tensors in the layout read_safetensors reads (atomically): the header names each tensor's dtype,
+    shape and byte range; the data follows, little-endian, 8-byte aligned."""
+    names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+
+    def write(f):
+        f.write(len(head).to_bytes(8, "little") + head)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    atomic_write(path, write)
+
+
 def _read_hf_weights(directory: str) -> dict:
     """The state dict of a HF model directory: model.safetensors (transformers 5) or pytorch_model.bin."""
     st, pt = os.path.join(directory, "model.safetensors"), os.path.join(directory, "pytorch_model.bin")
@@ -329,49 +413,39 @@ def _read_hf_weights(directory: str) -> dict:
 
 
 def load_hf(directory: str) -> Bert:
-    """Read a HuggingFace BERT directory (ours or one written by transformers) into a post-LN Bert."""
+    """Read a HuggingFace folder, ours or one written by transformers: BertForPreTraining gives a post-LN Bert,
+    RobertaPreLayerNormForMaskedLM a pre-LN one (whose pooler and NSP head, absent there, keep their fresh
+    initialisation). Layers come back unshared (group_size 1)."""
     with open(os.path.join(directory, "config.json")) as f:
         hc = json.load(f)
-    if hc.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"{directory}/config.json: hidden_act={hc['hidden_act']!r}; only exact 'gelu' is supported")
+    kind = hc.get("model_type", "bert")
+    if kind not in ("bert", "roberta-prelayernorm"):
+        raise ValueError(f"{directory}/config.json: model_type={kind!r}; only 'bert' and 'roberta-prelayernorm' are supported")
+    if hc.get("hidden_act", "gelu") != "gelu" or hc.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"{directory}/config.json: hidden_act={hc.get('hidden_act')!r}, position_embedding_type="
+                         f"{hc.get('position_embedding_type')!r}; only exact 'gelu' and 'absolute' are supported")
+    pre_norm = kind == "roberta-prelayernorm"
+    skip = hc["pad_token_id"] + 1 if pre_norm else 0  # RoBERTa's rows before the first real position
     config = BertConfig(
-        vocab_size=hc["vocab_size"], max_position=hc["max_position_embeddings"], n_layer=hc["num_hidden_layers"],
+        vocab_size=hc["vocab_size"], max_position=hc["max_position_embeddings"] - skip, n_layer=hc["num_hidden_layers"],
         n_head=hc["num_attention_heads"], d_model=hc["hidden_size"], d_ff=hc["intermediate_size"],
         dropout=hc["hidden_dropout_prob"], attn_dropout=hc["attention_probs_dropout_prob"],
-        ln_eps=hc["layer_norm_eps"], n_segment=hc["type_vocab_size"], pre_norm=False)
+        ln_eps=hc["layer_norm_eps"], n_segment=hc["type_vocab_size"], pre_norm=pre_norm)
     model = Bert(config)
     theirs = _read_hf_weights(directory)
+    if pre_norm and ROBERTA_POSITIONS in theirs:
+        theirs[ROBERTA_POSITIONS] = theirs[ROBERTA_POSITIONS][skip:]
     ours = _hf_views(model)
     missing = [k for k in ours if k not in theirs]
-    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "bert.embeddings.position_ids"}
-    unexpected = [k for k in theirs if k not in ours and k not in tied]
-    if missing or unexpected:
-        raise ValueError(f"{directory}: weights do not match BertForPreTraining; missing {missing[:5]}, unexpected {unexpected[:5]}")
+    unexpected = [k for k in theirs if k not in ours and k not in HF_TIED and k not in HF_BUFFERS]
+    untied = [k for k, v in HF_TIED.items() if k in theirs and v in theirs and not torch.equal(theirs[k], theirs[v])]
+    if missing or unexpected or untied:
+        raise ValueError(f"{directory}: weights do not match {hc.get('architectures', [kind])[0]}; missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, not tied as we tie them {untied[:5]}")
     with torch.no_grad():
         for name, target in ours.items():
             target.copy_(theirs[name])
     return model
-
-
-def _hf_views(model: Bert) -> dict:
-    """HF names -> live views of our parameters (q, k, v are row blocks of the fused qkv)."""
-    m = model
-    views = {
-        "bert.embeddings.word_embeddings.weight": m.tok_emb.weight,
-        "bert.embeddings.position_embeddings.weight": m.pos_emb.weight,
-        "bert.embeddings.token_type_embeddings.weight": m.seg_emb.weight,
-        "bert.embeddings.LayerNorm.weight": m.emb_ln.weight, "bert.embeddings.LayerNorm.bias": m.emb_ln.bias,
-        "bert.pooler.dense.weight": m.pooler.weight, "bert.pooler.dense.bias": m.pooler.bias,
-        "cls.predictions.transform.dense.weight": m.mlm_dense.weight,
-        "cls.predictions.transform.dense.bias": m.mlm_dense.bias,
-        "cls.predictions.transform.LayerNorm.weight": m.mlm_ln.weight,
-        "cls.predictions.transform.LayerNorm.bias": m.mlm_ln.bias,
-        "cls.predictions.bias": m.mlm_bias,
-        "cls.seq_relationship.weight": m.nsp.weight, "cls.seq_relationship.bias": m.nsp.bias,
-    }
-    for i, block in enumerate(m.layers):
-        views.update(_hf_layer_tensors(i, block))
-    return views
 
 
 def describe(model: Bert) -> str:

@@ -35,6 +35,7 @@ import re
 import signal
 import threading
 import time
+import unicodedata
 from array import array
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -62,11 +63,41 @@ class DataError(ValueError):
 # Tokenizer: byte-level BPE
 
 # Pre-tokens as in GPT-2, on text whose whitespace is already collapsed to single spaces: a space belongs
-# to the token after it, so joining the pre-tokens gives the text back exactly, spaces included. Written
-# for the standard `re` engine (~1.7x faster here than `regex`): [^\W\d_] = letters, \d = digits, and the
-# last class = everything else that is not whitespace, so every character lands in some pre-token.
+# to the token after it, so joining the pre-tokens gives the text back exactly, spaces included. Three kinds
+# of run: letters with their combining marks (Unicode categories L and M), numbers (N: decimal digits, but
+# also "²", "½", "Ⅻ") and everything else that is not whitespace, so every character lands in some pre-token.
 # "the cat's 2 mats!" -> ["the", " cat", "'s", " 2", " mats", "!"]
-PRETOKEN = re.compile(r" ?[^\W\d_]+| ?\d+|'(?:s|t|re|ve|m|ll|d)| ?(?:[^\w\s]|_)+")
+#
+# The classes are spelled out as code-point ranges from this Python's Unicode database, never as \w, \d, \s
+# or \p{..}: those mean other things in Python's `re` (\w holds "²" and "_" but no combining marks) and in
+# the `tokenizers` library's engine (Oniguruma, with another Unicode version), and the same pattern goes
+# into the exported tokenizer.json (Tokenizer.save_hf). Compiled with `re`: `regex` reads such long classes
+# ~4x slower. findall runs at ~17 MB/s here (28 with the \w classes of v1); the pre-token cache hides that.
+
+
+def _class_ranges(runs: str, pattern: str) -> str:
+    """A character-class body ("\\x41-\\x5a...") of the code points at which `pattern` matches `runs`, a string
+    of one character per code point. ASCII is escaped as \\xHH (read alike by both engines), the rest literal."""
+    def char(cp):
+        return f"\\x{cp:02x}" if cp < 0x80 else chr(cp)
+    spans = ((m.start(), m.end() - 1) for m in re.finditer(pattern, runs))
+    return "".join(char(a) if a == b else f"{char(a)}-{char(b)}" for a, b in spans)
+
+
+def _unicode_classes() -> tuple:
+    """(whitespace, letters and marks, numbers) as class bodies, in ~0.1 s. Whitespace is what str.split and
+    re's \\s split on. An unassigned code point between two of a class joins it: both engines read the same
+    explicit ranges, so that only shortens the pattern."""
+    code_points = np.arange(0x110000, dtype="<u4")
+    code_points[0xD800:0xE000] = 0xE000  # surrogates cannot be decoded; a private-use stand-in is in no class
+    every = code_points.tobytes().decode("utf-32-le")  # every[i] == chr(i)
+    kinds = "".join(["?" if c == "Cn" else c[0] for c in map(unicodedata.category, every)])
+    return (_class_ranges(every, r"\s+"), _class_ranges(kinds, "[LM](?:[LM?]*[LM])?"),
+            _class_ranges(kinds, "N(?:[N?]*N)?"))
+
+
+SPACE, LETTER, NUMBER = _unicode_classes()
+PRETOKEN = re.compile(f" ?[{LETTER}]+| ?[{NUMBER}]+|'(?:s|t|re|ve|m|ll|d)| ?[^{SPACE}{LETTER}{NUMBER}]+")
 SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates cannot be written as UTF-8
 
 
@@ -161,12 +192,14 @@ class Tokenizer:
     Text from the model is decoded with U+FFFD for invalid byte sequences.
     """
 
-    FORMAT, VERSION = "bert-byte-bpe", 1
+    # v2: letters, marks and numbers by Unicode category (PRETOKEN), capital sigma lower-cased alike everywhere
+    FORMAT, VERSION = "bert-byte-bpe", 2
     pad_id, unk_id, cls_id, sep_id, mask_id = PAD, UNK, CLS, SEP, MASK
 
-    def __init__(self, merges: Sequence, lowercase: bool = True):
+    def __init__(self, merges: Sequence, lowercase: bool = True, pretoken: str = PRETOKEN.pattern):
         self.merges = [tuple(m) for m in merges]
         self.lowercase = lowercase
+        self.pretoken = re.compile(pretoken)  # a saved tokenizer keeps its own classes under another Unicode version
         self.ranks = {pair: N_BASE + i for i, pair in enumerate(self.merges)}  # pair -> merged id (= rank)
         self.pieces = [s.encode() for s in SPECIALS] + [bytes([b]) for b in range(256)]
         for a, b in self.merges:
@@ -195,11 +228,12 @@ class Tokenizer:
 
     def normalize(self, text: str) -> str:
         """What encode sees: lower-cased (optional), whitespace runs -> one space, no outer spaces.
-        normalize("  Hello\\r\\n  World ") == "hello world"."""
+        normalize("  Hello\\r\\n  World ") == "hello world". Capital sigma becomes "σ" even at a word's end,
+        where str.lower alone writes "ς": character by character, as the tokenizers library lower-cases."""
         text = " ".join(text.split())  # the same whitespace as re's \s
         if SURROGATE.search(text):
             text = SURROGATE.sub("\ufffd", text)
-        return text.lower() if self.lowercase else text
+        return text.replace("Σ", "σ").lower() if self.lowercase else text
 
     def _encode_piece(self, piece: str) -> list:
         """BPE on one pre-token: repeatedly apply the earliest-learned merge present."""
@@ -213,7 +247,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> list:
         """Token ids of `text` (no specials added). Never fails: any string is a byte sequence."""
-        pieces, cache = PRETOKEN.findall(self.normalize(text)), self.cache
+        pieces, cache = self.pretoken.findall(self.normalize(text)), self.cache
         try:
             return [i for piece in pieces for i in cache[piece]]
         except KeyError:  # unseen pre-tokens: merge them once, then look up again
@@ -231,16 +265,16 @@ class Tokenizer:
     def to_dict(self) -> dict:
         """Plain JSON-able state (str/int/bool/list), safe inside a weights_only torch checkpoint."""
         return {"format": self.FORMAT, "version": self.VERSION, "lowercase": self.lowercase,
-                "pretoken_pattern": PRETOKEN.pattern, "specials": SPECIALS, "merges": [list(m) for m in self.merges]}
+                "pretoken_pattern": self.pretoken.pattern, "specials": SPECIALS, "merges": [list(m) for m in self.merges]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Tokenizer":
         if d.get("format") != cls.FORMAT or d.get("version") != cls.VERSION:
             raise DataError(f"not a {cls.FORMAT} v{cls.VERSION} tokenizer: format={d.get('format')!r}, "
-                            f"version={d.get('version')!r}")
-        if d.get("specials") != SPECIALS or d.get("pretoken_pattern") != PRETOKEN.pattern:
-            raise DataError("tokenizer was saved with other special tokens or pre-tokenization; retrain it")
-        return cls(d["merges"], d["lowercase"])
+                            f"version={d.get('version')!r}; one of another data.py version must be trained again")
+        if d.get("specials") != SPECIALS:
+            raise DataError("tokenizer was saved with other special tokens; retrain it")
+        return cls(d["merges"], d["lowercase"], d["pretoken_pattern"])
 
     def hash(self) -> str:
         """Short content hash: caches built with another tokenizer are detected by it."""
@@ -253,8 +287,89 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str) -> "Tokenizer":
+        """Read a file written by save, or a tokenizer.json written by save_hf."""
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            d = json.load(f)
+        return cls.from_hf(d) if "model" in d else cls.from_dict(d)
+
+    # -- the tokenizers library's tokenizer.json, which transformers' AutoTokenizer loads --------------------
+
+    def hf_tokens(self) -> list:
+        """Id -> token string in the byte-level alphabet (BYTE_CHARS); the specials by name."""
+        return SPECIALS + ["".join(BYTE_CHARS[b] for b in piece) for piece in self.pieces[len(SPECIALS):]]
+
+    def to_hf(self) -> dict:
+        """This tokenizer as a tokenizer.json that encodes every text to the same ids: whitespace collapsed and
+        stripped, lower-cased with sigma first, split by the same pattern, bytes mapped to BYTE_CHARS, BPE
+        with the merges in rank order. [CLS] A [SEP] B [SEP] gives segment ids 0 then 1."""
+        tokens, vocab = self.hf_tokens(), {}
+        for i, token in enumerate(tokens):
+            if vocab.setdefault(token, i) != i:
+                raise DataError(f"tokens {vocab[token]} and {i} are the same bytes {token!r}; tokenizer.json "
+                                f"cannot tell them apart")
+        lower = [{"type": "Replace", "pattern": {"String": "Σ"}, "content": "σ"}, {"type": "Lowercase"}]
+        special = lambda name, segment: {"SpecialToken": {"id": name, "type_id": segment}}
+        text = lambda name, segment: {"Sequence": {"id": name, "type_id": segment}}
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for i, s in enumerate(SPECIALS)],
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Replace", "pattern": {"Regex": f"[{SPACE}]+"}, "content": " "},
+                {"type": "Strip", "strip_left": True, "strip_right": True}] + (lower if self.lowercase else [])},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": self.pretoken.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [special("[CLS]", 0), text("A", 0), special("[SEP]", 0)],
+                "pair": [special("[CLS]", 0), text("A", 0), special("[SEP]", 0), text("B", 1), special("[SEP]", 1)],
+                "special_tokens": {s: {"id": s, "ids": [SPECIALS.index(s)], "tokens": [s]} for s in ("[CLS]", "[SEP]")}},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": vocab, "merges": [f"{tokens[a]} {tokens[b]}" for a, b in self.merges]},
+        }
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "Tokenizer":
+        """Read a tokenizer.json written by to_hf, or saved again by transformers (merges as "a b" or [a, b])."""
+        try:
+            vocab = d["model"]["vocab"]
+            merges = [m.split(" ") if isinstance(m, str) else m for m in d["model"]["merges"]]
+            split = next(p for p in d["pre_tokenizer"]["pretokenizers"] if p["type"] == "Split")
+            lowercase = any(n["type"] == "Lowercase" for n in d["normalizer"]["normalizers"])
+            tok = cls([(vocab[a], vocab[b]) for a, b in merges], lowercase, split["pattern"]["Regex"])
+        except (KeyError, TypeError, ValueError, StopIteration) as e:
+            raise DataError(f"not a tokenizer.json written by data.Tokenizer.save_hf ({type(e).__name__}: {e})") from None
+        if dict(zip(tok.hf_tokens(), range(tok.vocab_size))) != vocab:
+            raise DataError("tokenizer.json's ids are not data.Tokenizer's layout (specials 0-4, bytes 5-260, "
+                            "then one id per merge in rank order)")
+        return tok
+
+    def save_hf(self, directory: str, max_length: int):
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `directory`, which
+        transformers' AutoTokenizer loads as a PreTrainedTokenizerFast (inputs up to `max_length` tokens)."""
+        names = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        config = dict(tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_length, padding_side="right",
+                      clean_up_tokenization_spaces=False, model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+                      **names)
+        os.makedirs(directory, exist_ok=True)
+        for name, d in (("tokenizer.json", self.to_hf()), ("tokenizer_config.json", config),
+                        ("special_tokens_map.json", names)):
+            atomic_write(os.path.join(directory, name), lambda f: f.write(json.dumps(d, ensure_ascii=False, indent=1).encode()))
+
+
+def _byte_chars() -> list:
+    """GPT-2's byte-level alphabet, used by the tokenizers library's ByteLevel pre-tokenizer and decoder: one
+    printable character per byte. Printable Latin-1 bytes stand for themselves ("a" -> "a"), the other 68 for
+    U+0100 onwards in byte order (" " -> "Ġ", "\\n" -> "Ċ")."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    others = iter(range(0x100, 0x200))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
+BYTE_CHARS = _byte_chars()
 
 
 # ----------------------------------------------------------------------------------------------------

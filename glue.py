@@ -19,6 +19,7 @@ Every finished (task, lr, seed) run is saved as JSON under <out>/runs/, so an in
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -36,7 +37,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bert
 from data import DataError, Tokenizer, truncate_lengths
-from train import Dist, adamw, all_reduce_mean, autocast, fmt_time, param_groups, setup_distributed
+from train import (Dist, adamw, all_reduce_mean, autocast, fmt_time, locked_folder, param_groups, setup_distributed,
+                   unreadable)
 
 DEFAULT_GLUE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "glue")
 
@@ -137,6 +139,8 @@ def read_tsv(task: Task, path: str, layout: Layout, skip_bad_rows: bool = False)
         lines = f.read().split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline (CoLA's dev.tsv has none)
+    if not lines:
+        raise GlueError(f"{path} is empty; --glue-dir must hold the files download_glue_data.py wrote")
     n_fields = len(lines[0].rstrip("\r").split("\t")) if layout.header else layout.n_fields
     examples, skipped = [], 0
     for lineno, line in enumerate(lines[1:] if layout.header else lines, start=2 if layout.header else 1):
@@ -312,14 +316,14 @@ def collate(enc: Encoded, rows: list, pad_id: int, device) -> tuple:
     return ids.to(device), segments.to(device), mask.to(device)
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, d: Dist):
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, ranks: Dist):
     """Shuffled batches of example numbers for one epoch; each rank takes a disjoint shard of every batch.
     A last batch smaller than the number of ranks is dropped (a rank would get nothing)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(1000 * seed + epoch)).tolist()
     for start in range(0, n, batch_size):
         batch = perm[start:start + batch_size]
-        if len(batch) >= d.world:
-            yield batch[d.rank::d.world]
+        if len(batch) >= ranks.world:
+            yield batch[ranks.rank::ranks.world]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -363,14 +367,40 @@ class Backbone:
         return model
 
 
+def backbone_parts(path: str, ckpt) -> tuple:
+    """(config, weights, tokenizer) of a loaded train.py checkpoint, checked to fit one another."""
+    if not isinstance(ckpt, dict):
+        raise GlueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint; glue.py needs a checkpoint "
+                        f"written by train.py, or a HuggingFace folder with --tokenizer")
+    missing = [k for k in ("model", "config", "tokenizer") if k not in ckpt]
+    if missing:
+        raise GlueError(f"{path} lacks {', '.join(missing)} (has {', '.join(sorted(map(str, ckpt)))}); glue.py "
+                        f"needs a checkpoint written by train.py, or a HuggingFace folder with --tokenizer")
+    try:
+        config = bert.BertConfig(**ckpt["config"])
+        result = bert.Bert(config).load_state_dict(ckpt["model"], strict=False)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise GlueError(f"{path}: weights do not fit its config ({str(e).strip().splitlines()[0]})") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise GlueError(f"{path}: weights do not fit its config; missing {result.missing_keys[:5]}, "
+                        f"unexpected {result.unexpected_keys[:5]}")
+    return config, ckpt["model"], Tokenizer.from_dict(ckpt["tokenizer"])
+
+
 def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional[str] = None) -> Backbone:
-    """A train.py checkpoint (dict with model, config, tokenizer) or a HuggingFace BERT folder + tokenizer."""
+    """A train.py checkpoint (dict with model, config, tokenizer) or a HuggingFace folder with our tokenizer:
+    one written by `train.py --export-hf` (either layout; a pre-LN one has no pooler, so GLUE's pooled [CLS]
+    starts from a fresh one) or a BERT folder and --tokenizer."""
     if os.path.isdir(path):
         tokenizer_path = tokenizer_path or os.path.join(path, "tokenizer.json")
         if not os.path.exists(tokenizer_path):
             raise GlueError(f"{path} is a HuggingFace folder without our tokenizer; pass --tokenizer FILE "
-                            f"(a JSON file written by data.Tokenizer.save)")
-        model, tok = bert.load_hf(path), Tokenizer.load(tokenizer_path)
+                            f"(the tokenizer.json of train.py --export-hf, or a JSON file written by data.Tokenizer.save)")
+        try:
+            model, tok = bert.load_hf(path), Tokenizer.load(tokenizer_path)
+        except (OSError, KeyError, ValueError) as e:
+            raise GlueError(f"{path}: not a folder that bert.load_hf and data.Tokenizer.load read "
+                            f"({type(e).__name__}: {e})") from None
         config, state = model.config, model.state_dict()
     else:
         if not os.path.exists(path):
@@ -378,17 +408,9 @@ def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise GlueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be truncated "
-                            f"or corrupt, e.g. by an interrupted copy: copy it again, or give another checkpoint")
-        missing = [k for k in ("model", "config", "tokenizer") if k not in ckpt]
-        if missing:
-            raise GlueError(f"{path} lacks {', '.join(missing)} (has {', '.join(sorted(ckpt))}); glue.py needs a "
-                            f"checkpoint written by train.py, or a HuggingFace folder with --tokenizer")
-        config, state, tok = bert.BertConfig(**ckpt["config"]), ckpt["model"], Tokenizer.from_dict(ckpt["tokenizer"])
-        result = bert.Bert(config).load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise GlueError(f"{path}: weights do not fit its config; missing {result.missing_keys[:5]}, "
-                            f"unexpected {result.unexpected_keys[:5]}")
+            raise GlueError(f"{unreadable(path, e)}; if it was copied, e.g. by an interrupted copy, copy it again, "
+                            f"or give another checkpoint")
+        config, state, tok = backbone_parts(path, ckpt)
     if tok.vocab_size > config.vocab_size:
         raise GlueError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}")
     name = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
@@ -466,19 +488,19 @@ def prediction_strings(task: Task, pred: np.ndarray) -> list:
     return [task.labels[int(i)] for i in pred]
 
 
-def train(model: GlueModel, task: Task, enc: Encoded, lr: float, seed: int, cfg: FinetuneConfig, d: Dist) -> float:
+def fit(model: GlueModel, task: Task, enc: Encoded, lr: float, seed: int, cfg: FinetuneConfig, ranks: Dist) -> float:
     """AdamW with warm-up and linear decay over the epochs (or --max-steps); returns the last logged loss."""
     device = next(model.parameters()).device
-    wrapped = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None) if d.world > 1 else model
+    wrapped = DDP(model, device_ids=[ranks.local_rank] if device.type == "cuda" else None) if ranks.world > 1 else model
     optimizer = adamw(param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6)
-    per_epoch = sum(1 for _ in epoch_batches(len(enc.ids), cfg.batch_size, seed, 0, d))
+    per_epoch = sum(1 for _ in epoch_batches(len(enc.ids), cfg.batch_size, seed, 0, ranks))
     total = (cfg.epochs or task.epochs) * per_epoch
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg.warmup))
     step, t0, window, tag = 0, time.time(), [], f"{task.name} lr {lr:g} seed {seed}"
     wrapped.train()
     while step < total:
-        for rows in epoch_batches(len(enc.ids), cfg.batch_size, seed, step // per_epoch, d):
+        for rows in epoch_batches(len(enc.ids), cfg.batch_size, seed, step // per_epoch, ranks):
             with autocast(device, cfg.dtype):
                 logits = wrapped(*collate(enc, rows, model.pad_id, device)).float()
             y = enc.labels[rows].to(device)
@@ -491,27 +513,27 @@ def train(model: GlueModel, task: Task, enc: Encoded, lr: float, seed: int, cfg:
             step += 1
             window.append(loss.item())
             if step % cfg.log_every == 0 or step == total:
-                (train_loss,) = all_reduce_mean([sum(window) / len(window)], d)
+                (train_loss,) = all_reduce_mean([sum(window) / len(window)], ranks)
                 elapsed, window = time.time() - t0, []
-                print0(d, f"{tag} | step {step}/{total} | epoch {step / per_epoch:.2f} | loss {train_loss:.4f} | "
+                print0(ranks, f"{tag} | step {step}/{total} | epoch {step / per_epoch:.2f} | loss {train_loss:.4f} | "
                           f"{step * cfg.batch_size / elapsed:.0f} ex/s | ETA {fmt_time(elapsed / step * (total - step))}")
             if step == total:
                 break
     return train_loss
 
 
-def finetune(task: Task, backbone: Backbone, data: dict, lr: float, seed: int, cfg: FinetuneConfig, d: Dist) -> dict:
+def finetune(task: Task, backbone: Backbone, encoded: dict, lr: float, seed: int, cfg: FinetuneConfig, ranks: Dist) -> dict:
     """One (lr, seed) run from the backbone; returns its record: dev metrics, score, test predictions."""
     t0 = time.time()
-    device = torch.device(f"cuda:{d.local_rank}" if cfg.device == "cuda" else cfg.device)
+    device = torch.device(f"cuda:{ranks.local_rank}" if cfg.device == "cuda" else cfg.device)
     n_out = 1 if task.labels is None else len(task.labels)
     model = GlueModel(backbone.build(seed), n_out, backbone.tokenizer.pad_id).to(device)
-    train_loss = train(model, task, data["train"], lr, seed, cfg, d)
-    dev = dev_metrics(task, model, data["dev"], cfg.dtype)
+    train_loss = fit(model, task, encoded["train"], lr, seed, cfg, ranks)
+    dev = dev_metrics(task, model, encoded["dev"], cfg.dtype)
     test = {stem: {"index": enc.index, "prediction": prediction_strings(task, predict(model, enc, cfg.dtype))}
-            for stem, enc in data["test"].items()} if cfg.predict_test else {}
+            for stem, enc in encoded["test"].items()} if cfg.predict_test else {}
     return {"task": task.name, "lr": lr, "seed": seed, "label": backbone.label, "settings": cfg.settings(task, backbone),
-            "dev": dev, "score": task_score(dev), "train_loss": train_loss, "train_examples": len(data["train"].ids),
+            "dev": dev, "score": task_score(dev), "train_loss": train_loss, "train_examples": len(encoded["train"].ids),
             "seconds": round(time.time() - t0, 1), "test": test}
 
 
@@ -519,8 +541,8 @@ def finetune(task: Task, backbone: Backbone, data: dict, lr: float, seed: int, c
 # Grid search with resume, selection on dev, submissions, tables.
 
 
-def print0(d: Dist, *args):
-    if d.master:
+def print0(ranks: Dist, *args):
+    if ranks.master:
         print(*args, flush=True)
 
 
@@ -560,11 +582,11 @@ def write_submission(runs: list, out: str) -> list:
     return paths
 
 
-def encode_task(task: Task, backbone: Backbone, glue_dir: str, cfg: FinetuneConfig, skip_bad_rows: bool, d: Dist):
+def encode_task(task: Task, backbone: Backbone, glue_dir: str, cfg: FinetuneConfig, skip_bad_rows: bool, ranks: Dist):
     """Read and tokenize a task's files: {"train": Encoded, "dev": {split: Encoded}, "test": {stem: Encoded}}."""
     raw = load_task(task, glue_dir, skip_bad_rows)
     if raw.skipped:
-        print0(d, f"{task.name}: skipped {raw.skipped} malformed rows (--skip-bad-rows)")
+        print0(ranks, f"{task.name}: skipped {raw.skipped} malformed rows (--skip-bad-rows)")
     train = raw.train
     if not train:
         raise GlueError(f"{task.name}: the training file has no usable rows")
@@ -578,7 +600,7 @@ def encode_task(task: Task, backbone: Backbone, glue_dir: str, cfg: FinetuneConf
             "test": {k: enc(v) for k, v in raw.test.items()}}
 
 
-def run_task(task: Task, backbone: Backbone, glue_dir: str, out: str, cfg: FinetuneConfig, d: Dist,
+def run_task(task: Task, backbone: Backbone, glue_dir: str, out: str, cfg: FinetuneConfig, ranks: Dist,
              skip_bad_rows: bool = False):
     """The (lr, seed) runs of a task not yet in <out>, then the selected lr and the submission files.
     Runs made with other settings in the same folder are an error: a resumed grid must not mix them."""
@@ -591,14 +613,14 @@ def run_task(task: Task, backbone: Backbone, glue_dir: str, out: str, cfg: Finet
                             f"use another --out")
     finished = {(r["lr"], r["seed"]) for r in done}
     todo = [(lr, seed) for lr in cfg.lrs for seed in cfg.seeds if (lr, seed) not in finished]
-    print0(d, f"{task.name}: {len(cfg.lrs) * len(cfg.seeds) - len(todo)} runs already finished in {out}, {len(todo)} to do")
-    data = encode_task(task, backbone, glue_dir, cfg, skip_bad_rows, d) if todo else None
+    print0(ranks, f"{task.name}: {len(cfg.lrs) * len(cfg.seeds) - len(todo)} runs already finished in {out}, {len(todo)} to do")
+    encoded = encode_task(task, backbone, glue_dir, cfg, skip_bad_rows, ranks) if todo else None
     for lr, seed in todo:
-        result = finetune(task, backbone, data, lr, seed, cfg, d)
-        print0(d, f"{task.name} lr {lr:g} seed {seed}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in result["dev"].items()))
-        if d.master:
+        result = finetune(task, backbone, encoded, lr, seed, cfg, ranks)
+        print0(ranks, f"{task.name} lr {lr:g} seed {seed}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in result["dev"].items()))
+        if ranks.master:
             atomic_write(os.path.join(out, "runs", f"{task.name}_lr{lr:g}_seed{seed}.json"), json.dumps(result))
-    if d.master:
+    if ranks.master:
         best_lr, best = select(load_runs(out)[task.name])
         print(f"{task.name}: best lr {best_lr:g}, dev score {fmt_cell([r['score'] for r in best])} over {len(best)} seeds")
         for path in write_submission(best, out):
@@ -616,11 +638,11 @@ def results_table(dirs: list) -> str:
     MRPC, QQP, STS-B and MNLI score the mean of their two metrics) and the GLUE average of the tasks all
     rows have (WNLI aside), averaged per seed over the seeds those tasks share."""
     best = {}
-    for d in dirs:
-        runs = load_runs(d)
+    for folder in dirs:
+        runs = load_runs(folder)
         if not runs:
-            raise GlueError(f"{d} holds no results (no {d}/runs/*.json); make them with glue.py --checkpoint ... --out {d}")
-        best[d] = {name: {r["seed"]: r for r in select(task_runs)[1]} for name, task_runs in runs.items()}
+            raise GlueError(f"{folder} holds no results (no {folder}/runs/*.json); make them with glue.py --checkpoint ... --out {folder}")
+        best[folder] = {name: {r["seed"]: r for r in select(task_runs)[1]} for name, task_runs in runs.items()}
     tasks = [t for t in TASKS if any(t in b for b in best.values())]
     common = [t for t in tasks if all(t in b for b in best.values()) and t not in NOT_AVERAGED]
     lines = [f"| model | {' | '.join(tasks)} | Avg ({len(common)} tasks) |", "|---" * (len(tasks) + 2) + "|"]
@@ -638,7 +660,7 @@ def results_table(dirs: list) -> str:
 
 
 def parse_args(argv=None) -> tuple:
-    d = FinetuneConfig()
+    defaults = FinetuneConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", nargs="+", default=[], help="train.py checkpoint(s) or HuggingFace BERT folder(s)")
@@ -647,26 +669,26 @@ def parse_args(argv=None) -> tuple:
     g = p.add_argument_group("data")
     g.add_argument("--task", nargs="+", default=["RTE"], help=f"tasks among {', '.join(TASKS)}, or 'all' present")
     g.add_argument("--glue-dir", default=DEFAULT_GLUE_DIR, help="folder with one sub-folder per task")
-    g.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="tokens per example, specials included")
+    g.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len, help="tokens per example, specials included")
     g.add_argument("--max-train-examples", type=int, help="fine-tune on a fixed random subset of this size")
     g.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of failing")
     g = p.add_argument_group("fine-tuning")
-    g.add_argument("--lrs", type=float, nargs="+", default=list(d.lrs), help="learning-rate grid")
-    g.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help="seeds per learning rate")
+    g.add_argument("--lrs", type=float, nargs="+", default=list(defaults.lrs), help="learning-rate grid")
+    g.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds), help="seeds per learning rate")
     g.add_argument("--epochs", type=int, help="epochs (default: 10 for STS-B and RTE, 3 otherwise)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
+    g.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch size")
     g.add_argument("--max-steps", type=int, help="cap on optimizer steps per run")
-    g.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps of linear warm-up")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay on matrices")
-    g.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="training device")
-    g.add_argument("--dtype", default=d.dtype, choices=["float32", "bf16"], help="bf16: autocast (fast on "
+    g.add_argument("--warmup", type=float, default=defaults.warmup, help="fraction of steps of linear warm-up")
+    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW decay on matrices")
+    g.add_argument("--device", default=defaults.device, choices=["cpu", "cuda"], help="training device")
+    g.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bf16"], help="bf16: autocast (fast on "
                    "GPUs and on CPUs with AVX-512 BF16 or AMX)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="results folder (default: <checkpoint folder>/glue-<name>[-random]); with "
                                  "several checkpoints, one sub-folder each, named after the run (runs/stack/"
                                  "checkpoint.pt -> stack, runs/stack/stage1_end.pt -> stack-stage1_end)")
     g.add_argument("--no-test", action="store_true", help="skip test-set predictions and submission files")
-    g.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress lines")
+    g.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between progress lines")
     g.add_argument("--table", nargs="+", metavar="RESULTS_DIR", help="print a markdown table of finished results")
     a = p.parse_args(argv)
     if not a.table and not a.checkpoint:
@@ -679,11 +701,16 @@ def parse_args(argv=None) -> tuple:
         p.error(f"unknown task(s) {', '.join(unknown)}; choose among {', '.join(TASKS)} or all")
     if a.batch_size < 1 or a.max_seq_len < 3 or not 0 <= a.warmup < 1:
         p.error("need --batch-size >= 1, --max-seq-len >= 3 and 0 <= --warmup < 1")
+    if not all(0 < lr < math.inf for lr in a.lrs) or not 0 <= a.weight_decay < math.inf:
+        p.error("need every --lrs value positive and --weight-decay >= 0")
+    if any(v is not None and v < 1 for v in (a.epochs, a.max_steps, a.max_train_examples)) or a.log_every < 1:
+        p.error("need --epochs, --max-steps, --max-train-examples and --log-every >= 1")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no GPU is visible")
-    cfg = FinetuneConfig(tuple(a.lrs), tuple(a.seeds), a.epochs, a.batch_size, a.max_seq_len, a.warmup,
-                         a.weight_decay, d.clip, a.max_steps, a.max_train_examples, not a.no_test, a.log_every, a.device,
-                         a.dtype)
+    cfg = FinetuneConfig(lrs=tuple(a.lrs), seeds=tuple(a.seeds), epochs=a.epochs, batch_size=a.batch_size,
+                         max_seq_len=a.max_seq_len, warmup=a.warmup, weight_decay=a.weight_decay, max_steps=a.max_steps,
+                         max_train_examples=a.max_train_examples, predict_test=not a.no_test, log_every=a.log_every,
+                         device=a.device, dtype=a.dtype)
     return a, list(dict.fromkeys(tasks)), cfg
 
 
@@ -706,6 +733,8 @@ def out_dir(a, path: str) -> str:
 
 
 def main(argv=None) -> int:
+    """glue.py's command line; a mistake a user can make ends in one `error: ...` line (printed by rank 0
+    only under torchrun) and exit code 2."""
     a, tasks, cfg = parse_args(argv)
     try:
         if a.table:
@@ -715,26 +744,39 @@ def main(argv=None) -> int:
         if len(set(outs)) < len(outs):
             raise GlueError(f"--checkpoint: several checkpoints would share one results folder ({', '.join(outs)}); "
                             f"fine-tune them one at a time, each with its own --out")
-        d = setup_distributed(cfg.device)
-        for path, out in zip(a.checkpoint, outs):
-            backbone = load_backbone(path, a.random_init, a.tokenizer)
-            if cfg.max_seq_len > backbone.config.max_position:
-                raise GlueError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position "
-                                f"{backbone.config.max_position}")
-            print0(d, f"{backbone.label}: {bert.describe(backbone.build(0))} -> {out}")
-            for name in tasks:
-                run_task(TASKS[name], backbone, a.glue_dir, out, cfg, d, a.skip_bad_rows)
-        if d.master:
-            table = results_table(outs)
-            for out in outs:
-                atomic_write(os.path.join(out, "results.md"), results_table([out]))
-            print("\n" + table, end="")
-        if d.world > 1:
-            dist.destroy_process_group()
-        return 0
-    except (GlueError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        with contextlib.ExitStack() as locks:
+            if int(os.environ.get("RANK", "0")) == 0:  # one process writes each results folder
+                for out in outs:
+                    locks.enter_context(locked_folder(out))
+            return finetune_all(a, tasks, cfg, outs)
+    except (GlueError, DataError, OSError, SystemExit) as e:
+        if isinstance(e, SystemExit) and not isinstance(e.code, str):
+            raise
+        message = e.code if isinstance(e, SystemExit) else f"error: {e}"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(message, file=sys.stderr)
         return 2
+
+
+def finetune_all(a, tasks: list, cfg: FinetuneConfig, outs: list) -> int:
+    """Every task of every --checkpoint into its results folder, then the results tables."""
+    ranks = setup_distributed(cfg.device)
+    for path, out in zip(a.checkpoint, outs):
+        backbone = load_backbone(path, a.random_init, a.tokenizer)
+        if cfg.max_seq_len > backbone.config.max_position:
+            raise GlueError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position "
+                            f"{backbone.config.max_position}")
+        print0(ranks, f"{backbone.label}: {bert.describe(backbone.build(0))} -> {out}")
+        for name in tasks:
+            run_task(TASKS[name], backbone, a.glue_dir, out, cfg, ranks, a.skip_bad_rows)
+    if ranks.master:
+        table = results_table(outs)
+        for out in outs:
+            atomic_write(os.path.join(out, "results.md"), results_table([out]))
+        print("\n" + table, end="")
+    if ranks.world > 1:
+        dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":

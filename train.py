@@ -11,6 +11,7 @@ weight decay (stacking paper, section 4.1) or LAMB (MSLT, section 4.1; You et al
     torchrun --nproc_per_node=2 train.py ...          # DDP: NCCL on CUDA, gloo on CPU
     python train.py --resume --out runs/stack         # continue from the latest checkpoint
     python train.py --plot runs/baseline runs/stack   # validation loss against wall time, as SVG
+    python train.py --export-hf runs/stack/hf --checkpoint runs/stack/checkpoint.pt   # for transformers
 
 Every run directory holds `checkpoint.pt` (latest, written atomically), `stage<i>_end.pt` (the model at
 the end of each stage, before growth), `log.jsonl` (one record per log step and per validation) and
@@ -23,11 +24,17 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
+
+try:
+    import fcntl  # run-folder locks (POSIX)
+except ImportError:
+    fcntl = None
 
 import torch
 import torch.distributed as dist
@@ -62,6 +69,7 @@ class TrainConfig:
     batch_size: int = 32  # global batch (examples per optimizer step, all ranks and micro-batches)
     micro_batch: int = 0  # examples per forward/backward on one rank; 0 = batch_size / world size
     data_seed: int = 0  # seed of corpus split, pairs and masks
+    decode_errors: str = "strict"  # non-UTF-8 corpus bytes: "strict" stops naming file and offset, "replace" -> U+FFFD
     workers: int = 0  # processes that build the token cache (0 = every core this process may use)
     # optimizer
     optimizer: str = "adam"  # adam (AdamW, decoupled decay) | lamb
@@ -89,9 +97,11 @@ class TrainConfig:
     stop_after: int = 0  # stop with a checkpoint after this step, as an interruption would (0 = never)
 
 
-# Fields a resumed run may change; any other difference from the checkpoint's config is an error.
-RESUMABLE_CHANGES = {"out", "device", "compile", "log_every", "eval_every", "save_every", "resume", "overwrite",
-                     "stop_after", "cache_dir", "corpus", "workers"}
+# Fields a resumed run may change; any other difference from the checkpoint's config is an error. --device,
+# --dtype and --micro-batch may change so a run can move to another machine or number of GPUs; the resumed
+# losses are then equal only up to rounding (exactly equal for the same world size, micro-batch and dtype).
+RESUMABLE_CHANGES = {"out", "device", "dtype", "micro_batch", "compile", "log_every", "eval_every", "save_every",
+                     "resume", "overwrite", "stop_after", "cache_dir", "corpus", "workers"}
 # Fields that concern one invocation or machine only: --resume never takes them from the checkpoint.
 INVOCATION_ONLY = {"out", "resume", "overwrite", "stop_after", "device"}
 
@@ -240,24 +250,148 @@ def carry_moments(old_opt, new_opt, old_model, new_model, sources):
 # Checkpoints: plain dicts, written atomically, read with weights_only=True.
 
 
+CHECKPOINT_KEYS = ("step", "stage", "wall", "config", "model", "optimizer", "schedule", "train_config", "tokenizer")
+
+
 def save_checkpoint(path: str, state: dict):
     """Write to a temporary file, then rename: the previous checkpoint survives until the new one is whole."""
     bert.atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str, mmap: bool = False) -> dict:
-    """Read a checkpoint without running code from it; a clear error for a corrupt or foreign file.
-    `mmap` maps the file instead of reading it: cheap when only the plain values are wanted."""
+def os_error_of(e: Optional[BaseException]) -> Optional[OSError]:
+    """The OSError behind `e`, if any: torch.save reports a full disk as a RuntimeError raised while handling
+    the OSError (ENOSPC) that caused it."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def unreadable(path: str, e: Exception) -> str:
+    """Why torch.load(weights_only=True) refused `path`, in one line. A file that needs Python objects other
+    than tensors and plain values is never loaded: unpickling them could run code."""
+    unsafe = re.search(r"GLOBAL ([\w.]+)", str(e), re.IGNORECASE)
+    if unsafe:
+        return (f"{path} holds Python objects other than tensors and plain values ({unsafe.group(1)}); "
+                f"it is not loaded, because unpickling them could run code")
+    return f"{path} is not a readable checkpoint: truncated, corrupt or not a torch file ({type(e).__name__})"
+
+
+def load_checkpoint(path: str, mmap: bool = False, advice: str = "") -> dict:
+    """Read a checkpoint without running code from it; a one-line error for a missing, corrupt, foreign or
+    incomplete file, ending with `advice` (how to go on). `mmap` maps the file instead of reading it: cheap
+    when only the plain values are wanted."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {e}). It may be "
-                         f"truncated or corrupt; delete it, or copy a stage<i>_end.pt over it, and resume again.")
+        raise SystemExit(f"error: {unreadable(path, e)}. {advice}".rstrip())
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"error: {path} is not a checkpoint written by train.py")
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise SystemExit(f"error: {path} has checkpoint version {ckpt.get('version')}, this train.py reads {CHECKPOINT_VERSION}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise SystemExit(f"error: {path} lacks {', '.join(missing)}: it is damaged. {advice}".rstrip())
     return ckpt
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def model_from_checkpoint(ckpt: dict, path: str, advice: str = "") -> bert.Bert:
+    """The model a checkpoint accepted by load_checkpoint holds; one line naming the file (and `advice`) when
+    its weights do not fit its config."""
+    try:
+        model = bert.Bert(bert.BertConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise SystemExit(f"error: {path}: its weights do not fit its config ({first_line(e)}). {advice}".rstrip())
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run folder: one process at a time, and a run's files are never lost by accident.
+
+RUN_FILE = re.compile(r"checkpoint\.pt|log\.jsonl|stage\d+_end\.pt|val_loss\.svg")  # what a run leaves
+TEMPORARY = re.compile(r".+\.tmp(\d+)")  # bert.atomic_write's temporary, named after its process id
+
+
+def run_files(folder: str) -> list:
+    """The files of a run in `folder`, sorted (none if it does not exist)."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [n for n in names if RUN_FILE.fullmatch(n) and os.path.isfile(os.path.join(folder, n))]
+
+
+def ways_on(folder: str) -> str:
+    """How to go on from a run whose checkpoint.pt is missing or unreadable, naming its stage files."""
+    stages = sorted((n for n in run_files(folder) if n.startswith("stage")), key=lambda n: int(re.sub(r"\D", "", n)))
+    copy = (f"copy {os.path.join(folder, stages[-1])} to {os.path.join(folder, 'checkpoint.pt')} and --resume to "
+            f"go on from the end of that stage, or " if stages else "")
+    return f"To go on: {copy}pass --overwrite to start afresh there (its files are then replaced)."
+
+
+@contextlib.contextmanager
+def locked_folder(folder: str, flag: str = "--out"):
+    """Hold an exclusive lock on <folder>/.lock while the block runs, so two processes never write one run.
+    A second process fails at once, naming the folder and the holder's pid. The kernel drops the lock when its
+    holder dies, even by kill -9, so a .lock file left behind never blocks. A folder made here that is
+    left empty (a refused run) is removed again. Where fcntl is missing (Windows) nothing is locked."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SystemExit(f"error: {flag} {folder} is a file, not a folder; choose another {flag}")
+    made = not os.path.exists(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, ".lock")
+    with open(path, "a+") as f:
+        try:
+            if fcntl:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise SystemExit(f"error: {folder} is in use by another process (pid {f.read().strip() or '?'}); "
+                             f"wait for it to end, or choose another {flag}") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            if made and os.listdir(folder) == [".lock"]:
+                os.remove(path)
+                os.rmdir(folder)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str) -> list:
+    """Delete the temporaries that processes killed mid-write (kill -9, power loss) left in `folder`;
+    return their names. A live process's temporary is left alone."""
+    matches = [TEMPORARY.fullmatch(n) for n in sorted(os.listdir(folder))]
+    stale = [m.group(0) for m in matches if m and not process_alive(int(m.group(1)))]
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    return stale
+
+
+def check_run_folder(cfg: TrainConfig):
+    """Refuse to start where a run's files would be lost: a folder holding a run needs --resume (which needs
+    its checkpoint.pt) or --overwrite."""
+    files = run_files(cfg.out)
+    if cfg.resume and files and "checkpoint.pt" not in files:
+        raise SystemExit(f"error: --resume: {cfg.out} holds a run ({', '.join(files)}) but no checkpoint.pt. "
+                         f"{ways_on(cfg.out)}")
+    if files and not (cfg.resume or cfg.overwrite):
+        raise SystemExit(f"error: {cfg.out} already holds a run ({', '.join(files)}); pass --resume to continue "
+                         f"it or --overwrite to start afresh")
 
 
 def run_dir(cfg: TrainConfig) -> str:
@@ -271,7 +405,7 @@ def resumed_config(cfg: TrainConfig, given: set) -> TrainConfig:
     path = os.path.join(run_dir(cfg), "checkpoint.pt")
     if not (cfg.resume and os.path.exists(path)):
         return cfg
-    saved = load_checkpoint(path, mmap=True)["train_config"]
+    saved = load_checkpoint(path, mmap=True, advice=ways_on(os.path.dirname(path)))["train_config"]
     keep = given | INVOCATION_ONLY
     return TrainConfig(**{k: v if k in keep or k not in saved else saved[k] for k, v in asdict(cfg).items()})
 
@@ -395,12 +529,18 @@ class Trainer:
         self.schedule = make_schedule(cfg)
         self.prepared = prepare_data(cfg, d)
         tok = self.prepared.tokenizer
+        if tok.vocab_size < cfg.vocab_size:
+            self.print(f"note: --vocab-size {cfg.vocab_size} asked, but the corpus gives {tok.vocab_size} tokens (no "
+                       f"pair of tokens repeats for more merges); the model's vocabulary is {tok.vocab_size}")
         self.train_batches = data.Batches(self.prepared.train, tok, cfg.seq_len, seed=cfg.data_seed)
         self.valid_batches = data.Batches(self.prepared.valid, tok, cfg.seq_len, seed=cfg.data_seed + 1)
         self.micro = cfg.micro_batch or cfg.batch_size // d.world
         self.n_micro = cfg.batch_size // (d.world * self.micro)
         self.stop_signal = 0  # set by the SIGTERM/SIGINT handler
         self.last_val_step = -1
+        self.checkpoint_path = os.path.join(self.out, "checkpoint.pt")
+        self.last_good = None  # (path, step) of the latest checkpoint.pt written whole
+        self.overhead = 0.0  # seconds of checkpointing and validation, which the wall leaves out
 
     # -- model and optimizer -------------------------------------------------------------------------------
 
@@ -424,32 +564,47 @@ class Trainer:
         self.wrapped = torch.compile(wrapped) if self.cfg.compile else wrapped
 
     def start(self):
-        """Fresh model for stage 0, or everything from the latest checkpoint."""
-        ckpt_path = os.path.join(self.out, "checkpoint.pt")
-        if self.cfg.resume and os.path.exists(ckpt_path):
-            ckpt = load_checkpoint(ckpt_path)
-            check_resumable(ckpt, self.cfg, ckpt_path)
-            if ckpt["tokenizer"] != self.prepared.tokenizer.to_dict():
-                raise SystemExit(f"error: {ckpt_path} was trained with another tokenizer than the one in "
-                                 f"--cache-dir {self.cfg.cache_dir} for --corpus {self.cfg.corpus or '(synthetic)'}; "
-                                 f"resume with the run's own corpus and cache (leave both flags out)")
-            model = bert.Bert(bert.BertConfig(**ckpt["config"]))
-            model.load_state_dict(ckpt["model"])
-            stack.set_trainable(model, self.schedule.stages[ckpt["stage"]].trainable_top)
-            self.set_model(model, ckpt["stage"], ckpt["step"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.step, self.wall = ckpt["step"], ckpt["wall"]
+        """Fresh model for stage 0 (saved at once, so a run folder always has a checkpoint.pt), or everything
+        from the latest checkpoint. Rank 0 first clears temporaries that killed processes left."""
+        if self.d.master:
+            os.makedirs(self.out, exist_ok=True)
+            for name in remove_stale_temporaries(self.out):
+                self.print(f"removed {os.path.join(self.out, name)}, left by a process killed while writing it")
+        if self.cfg.resume and os.path.exists(self.checkpoint_path):
+            self.restore(load_checkpoint(self.checkpoint_path, advice=ways_on(self.out)))
             if self.d.master:
                 truncate_log(self.log_path, self.step)
-            self.print(f"resumed {ckpt_path} at step {self.step} (stage {self.stage}, {model.config.n_layer} layers)")
+            self.print(f"resumed {self.checkpoint_path} at step {self.step} (stage {self.stage}, "
+                       f"{self.model.config.n_layer} layers)")
             return
+        if self.d.master:
+            for name in run_files(self.out):  # --overwrite: the old run's files go, so no two runs mix
+                os.remove(os.path.join(self.out, name))
         torch.manual_seed(self.cfg.seed)
         model = bert.Bert(stack.initial_config(self.schedule, self.base_config()))
         stack.set_trainable(model, self.schedule.stages[0].trainable_top)
         self.set_model(model, 0, 0)
         self.step, self.wall = 0, 0.0
-        if self.d.master and os.path.exists(self.log_path):
-            os.remove(self.log_path)
+        self.save()
+
+    def restore(self, ckpt: dict):
+        """Model, optimizer, step and wall time from a checkpoint that load_checkpoint accepted."""
+        path = self.checkpoint_path
+        check_resumable(ckpt, self.cfg, path)
+        if ckpt["tokenizer"] != self.prepared.tokenizer.to_dict():
+            raise SystemExit(f"error: {path} was trained with another tokenizer than the one in "
+                             f"--cache-dir {self.cfg.cache_dir} for --corpus {self.cfg.corpus or '(synthetic)'}; "
+                             f"resume with the run's own corpus and cache (leave both flags out)")
+        model = model_from_checkpoint(ckpt, path, ways_on(self.out))
+        stack.set_trainable(model, self.schedule.stages[ckpt["stage"]].trainable_top)
+        self.set_model(model, ckpt["stage"], ckpt["step"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+            raise SystemExit(f"error: {path}: its optimizer state does not fit its model ({first_line(e)}). "
+                             f"{ways_on(self.out)}")
+        self.step, self.wall = ckpt["step"], ckpt["wall"]
+        self.last_good = (path, self.step)
 
     def grow(self, stage: int):
         """The switch: save the trained shallow model, grow it, reset the optimizer."""
@@ -475,8 +630,27 @@ class Trainer:
         }
 
     def save(self, path: Optional[str] = None):
-        if self.d.master:
-            save_checkpoint(path or os.path.join(self.out, "checkpoint.pt"), self.checkpoint_state())
+        """Write checkpoint.pt (or `path`) on rank 0. A write that fails (disk full, read-only filesystem, no
+        permission) ends the run in one line naming the file and the last good checkpoint; atomic_write has
+        removed the half-written temporary by then."""
+        if not self.d.master:
+            return
+        path, t0 = path or self.checkpoint_path, time.perf_counter()
+        try:
+            save_checkpoint(path, self.checkpoint_state())
+        except Exception as e:
+            cause = os_error_of(e)
+            if cause is None:
+                raise
+            raise SystemExit(f"error: could not write {path} ({cause.strerror}); {self.last_good_text()}")
+        if path == self.checkpoint_path:
+            self.last_good = (path, self.step)
+        self.overhead += time.perf_counter() - t0
+
+    def last_good_text(self) -> str:
+        if self.last_good is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})"
 
     # -- steps ---------------------------------------------------------------------------------------------
 
@@ -517,12 +691,14 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         """Loss and accuracy on the same held-out batches every time (documents never trained on)."""
+        t0 = time.perf_counter()
         self.model.eval()
         stats = torch.zeros(5, device=self.device)
         for i in range(self.cfg.eval_batches):
             batch = self.valid_batches.for_step(i, self.cfg.batch_size, self.d.rank, self.d.world)
             stats += self.forward(batch)[1] / self.cfg.eval_batches
         loss, mlm, nsp, mlm_acc, nsp_acc = all_reduce_mean(stats.tolist(), self.d)
+        self.overhead += time.perf_counter() - t0
         return dict(val_loss=loss, val_mlm_loss=mlm, val_nsp_loss=nsp, val_mlm_acc=mlm_acc, val_nsp_acc=nsp_acc)
 
     def print(self, *args):
@@ -555,6 +731,7 @@ class Trainer:
         self.print(reference_line(self.prepared))
         tokens_per_step = cfg.batch_size * cfg.seq_len
         window_wall, window_steps = self.wall, 0  # speed from training time only, like the plots' wall
+        first_wall = self.wall
         while self.step < cfg.steps:
             stage, _ = self.schedule.stage_at(self.step)
             if stage != self.stage:
@@ -568,8 +745,8 @@ class Trainer:
             self.step += 1
             window_steps += 1
             if not math.isfinite(r["loss"]):
-                self.print(f"error: loss is {r['loss']} at step {self.step}; stopping. The last good checkpoint "
-                           f"is {os.path.join(self.out, 'checkpoint.pt')}; try a lower --lr or --clip.")
+                self.print(f"error: loss is {r['loss']} at step {self.step}; stopping; {self.last_good_text()}. "
+                           f"Try a lower --lr or --clip.")
                 return 1
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 steps_per_s = window_steps / max(self.wall - window_wall, 1e-9)
@@ -590,7 +767,10 @@ class Trainer:
                 return 128 + self.stop_signal if self.stop_signal else 0  # the shell's code for "killed by signal"
         if self.d.master:
             plot_runs([self.out], os.path.join(self.out, "val_loss.svg"))
-        self.print(f"done: {cfg.steps} steps in {fmt_time(self.wall)} of training; checkpoint {os.path.join(self.out, 'checkpoint.pt')}")
+        self.print(f"done: {cfg.steps} steps in {fmt_time(self.wall)} of training; checkpoint {self.checkpoint_path}")
+        share = self.overhead / max(self.wall - first_wall, 1e-9)
+        self.print(f"checkpoints and validation took {fmt_time(self.overhead)}, {100 * share:.1f}% of this process's "
+                   f"training time (--save-every and --eval-every set how often)")
         return 0
 
 
@@ -615,7 +795,8 @@ def prepare_data(cfg: TrainConfig, d: Dist):
     longer than a process group's timeout (NCCL's default: 10 minutes). Rank 0 writes
     <cache_dir>/build-status.json when it is done or has failed, and a failure ends every rank with its error."""
     dcfg = data.DataConfig(corpus=list(cfg.corpus), cache_dir=cfg.cache_dir, vocab_size=cfg.vocab_size,
-                           seed=cfg.data_seed, seq_len=cfg.seq_len, workers=cfg.workers)
+                           seed=cfg.data_seed, seq_len=cfg.seq_len, decode_errors=cfg.decode_errors,
+                           workers=cfg.workers)
     status = os.path.join(cfg.cache_dir, "build-status.json")
     if d.world > 1:
         if d.master:
@@ -627,12 +808,10 @@ def prepare_data(cfg: TrainConfig, d: Dist):
             return wait_for_cache(status, cfg.cache_dir)
     try:
         prepared = data.prepare(dcfg, progress=print)
-    except BaseException as e:
-        bad_input = isinstance(e, data.DataError)
+    except BaseException as e:  # main() reports it; the other ranks read it and end too
         if d.world > 1:
+            bad_input = isinstance(e, data.DataError)
             write_status(status, str(e) if bad_input else f"rank 0 stopped building the token cache ({type(e).__name__})")
-        if bad_input:
-            raise SystemExit(f"error: {e}")
         raise
     if d.world > 1:
         write_status(status, None)
@@ -650,8 +829,38 @@ def wait_for_cache(status: str, cache_dir: str, poll: float = 0.5) -> data.Prepa
     with open(status) as f:
         error = json.load(f)["error"]
     if error:
-        raise SystemExit(f"error: {error}")
+        raise data.DataError(error)
     return data.open_cache(cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export: a checkpoint as a folder that transformers loads.
+
+
+def export_hf(checkpoint: str, out_dir: str):
+    """Write a checkpoint train.py wrote (checkpoint.pt or stage<i>_end.pt, either layout) as a folder that
+    transformers' AutoModelForMaskedLM, AutoTokenizer and pipeline("fill-mask") load: config.json and
+    model.safetensors (bert.save_hf), tokenizer.json and its two config files (data.Tokenizer.save_hf)."""
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt, checkpoint)
+    try:
+        tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+        bert.save_hf(model, out_dir)
+        tok.save_hf(out_dir, model.config.max_position)
+    except (data.DataError, OSError) as e:
+        raise SystemExit(f"error: --export-hf {out_dir} --checkpoint {checkpoint}: {e}")
+    kind = "RobertaPreLayerNormForMaskedLM (pooler and NSP head left out)" if model.config.pre_norm else "BertForPreTraining"
+    print(f"wrote {out_dir}: {bert.describe(model)} as {kind}; tokenizer of {tok.vocab_size} tokens")
+
+
+def export_main(argv) -> int:
+    """The command line of export_hf: train.py --export-hf DIR --checkpoint FILE."""
+    p = argparse.ArgumentParser(prog="train.py --export-hf", description=export_hf.__doc__)
+    p.add_argument("--export-hf", required=True, metavar="DIR", help="folder to write (made if missing)")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="checkpoint.pt or stage<i>_end.pt of a run")
+    a = p.parse_args(argv)
+    export_hf(a.checkpoint, a.export_hf)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -663,7 +872,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def parse_args(argv=None) -> tuple:
-    """argparse mirroring TrainConfig, flags grouped as in the dataclass; returns (config, plot dirs)."""
+    """argparse mirroring TrainConfig, flags grouped as in the dataclass; returns (config, names of the fields
+    given on the command line, plot dirs). Under --resume, resumed_config fills the fields not given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                 epilog="Paper-scale recipes are in README.md.")
     d = TrainConfig()
@@ -686,6 +896,8 @@ def parse_args(argv=None) -> tuple:
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch in examples")
     g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="examples per forward pass per rank (0 = batch/world)")
     g.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of split, pairs and masks")
+    g.add_argument("--decode-errors", default=d.decode_errors, choices=["strict", "replace"],
+                   help="non-UTF-8 bytes in the corpus: 'strict' stops naming file and offset, 'replace' reads U+FFFD")
     g.add_argument("--workers", type=int, default=d.workers,
                    help="processes that build the token cache (0 = every core); any number gives the same cache")
     g = p.add_argument_group("optimizer")
@@ -717,8 +929,7 @@ def parse_args(argv=None) -> tuple:
     a = vars(p.parse_args(argv, argparse.Namespace(**{f.name: unset for f in dataclasses.fields(TrainConfig)})))
     plot = a.pop("plot")
     given = {k for k, v in a.items() if v is not unset}
-    cfg = TrainConfig(**{k: a[k] for k in given})
-    return resumed_config(cfg, given), plot
+    return TrainConfig(**{k: a[k] for k in given}), given, plot
 
 
 def finish_config(cfg: TrainConfig, world: int) -> TrainConfig:
@@ -727,18 +938,14 @@ def finish_config(cfg: TrainConfig, world: int) -> TrainConfig:
     bf16_ok = device == "cuda" and torch.cuda.is_bf16_supported()
     cfg = dataclasses.replace(cfg, device=device, dtype=cfg.dtype or ("bf16" if bf16_ok else "float32"),
                               out=run_dir(cfg))
-    errors = []
+    errors = flag_errors(cfg)
     if device == "cuda" and not torch.cuda.is_available():
         errors.append("--device cuda: no CUDA device is available")
-    if cfg.steps < 1:
-        errors.append(f"--steps {cfg.steps}: must be positive")
     micro = cfg.micro_batch or cfg.batch_size // world
     if micro < 1 or cfg.batch_size % (world * micro):
         errors.append(f"--batch-size {cfg.batch_size} is not divisible by world size {world} x --micro-batch {micro}")
     if cfg.warmup >= cfg.steps:
         errors.append(f"--warmup {cfg.warmup} must be smaller than --steps {cfg.steps}")
-    if cfg.seq_len > 512 or cfg.seq_len < 8:
-        errors.append(f"--seq-len {cfg.seq_len}: must be between 8 and 512")
     if cfg.resume and cfg.overwrite:
         errors.append("--resume and --overwrite contradict each other")
     if cfg.method in ("identity", "identity-noise") and not cfg.pre_norm and not cfg.schedule:
@@ -754,12 +961,32 @@ def finish_config(cfg: TrainConfig, world: int) -> TrainConfig:
         raise SystemExit(f"error: --schedule {cfg.schedule!r} has {schedule.total_steps} steps and ends at "
                          f"{schedule.stages[-1].n_layer} layers; --steps is {cfg.steps} and --preset {cfg.preset} "
                          f"has {depth} layers")
-    ckpt = os.path.join(cfg.out, "checkpoint.pt")
-    if os.path.exists(ckpt) and not (cfg.resume or cfg.overwrite or restarted_by_torchrun()):
-        raise SystemExit(f"error: {cfg.out} already holds a run; pass --resume to continue it or --overwrite to start afresh")
     if restarted_by_torchrun():
         cfg = dataclasses.replace(cfg, resume=True, overwrite=False)
     return cfg
+
+
+def flag_errors(cfg: TrainConfig) -> list:
+    """Each flag outside its range, as "--flag value: must be ..." (NaN fails every comparison, so it is
+    refused wherever a number is)."""
+    rules = [("dropout", 0 <= cfg.dropout < 1, "in [0, 1)"), ("steps", cfg.steps >= 1, "positive"),
+             ("k", cfg.k >= 1, "positive"),
+             ("vocab_size", cfg.vocab_size >= data.N_BASE, f"at least {data.N_BASE} (5 specials + 256 bytes)"),
+             ("seq_len", 8 <= cfg.seq_len <= 512, "between 8 and 512"), ("batch_size", cfg.batch_size >= 1, "positive"),
+             ("micro_batch", cfg.micro_batch >= 0, "0 (batch / world size) or positive"),
+             ("data_seed", cfg.data_seed >= 0, "0 or positive"), ("seed", cfg.seed >= 0, "0 or positive"),
+             ("lr", 0 < cfg.lr < math.inf, "a positive number"), ("warmup", cfg.warmup >= 0, "0 or positive"),
+             ("weight_decay", 0 <= cfg.weight_decay < math.inf, "0 or a positive number"),
+             ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
+             ("eps", 0 < cfg.eps < math.inf, "a positive number"),
+             ("clip", 0 <= cfg.clip < math.inf, "0 (off) or positive"),
+             ("rewarmup", cfg.rewarmup >= 0, "0 or positive"), ("log_every", cfg.log_every >= 1, "positive"),
+             ("eval_every", cfg.eval_every >= 1, "positive"), ("eval_batches", cfg.eval_batches >= 1, "positive"),
+             ("save_every", cfg.save_every >= 1, "positive"),
+             ("stop_after", cfg.stop_after >= 0, "0 (never) or positive"),
+             ("decode_errors", cfg.decode_errors in ("strict", "replace"), "strict or replace"),
+             ("workers", cfg.workers >= 0, "0 (every core) or positive")]
+    return [f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {need}" for name, ok, need in rules if not ok]
 
 
 def restarted_by_torchrun() -> bool:
@@ -768,16 +995,54 @@ def restarted_by_torchrun() -> bool:
 
 
 def main(argv=None) -> int:
-    cfg, plot = parse_args(argv)
+    """train.py's command line. What a user can get wrong (a flag, a corpus, a folder, a full disk) ends in
+    one line, `error: ...`, and a non-zero exit; under torchrun only rank 0 prints it, as every rank refuses
+    alike. Any other exception ends its process at once (rank 0 with the traceback, other ranks in one line),
+    and torchrun then stops the others; no rank waits in a barrier for one that failed."""
+    try:
+        return run_training(argv)
+    except data.DataError as e:
+        message = f"error: {e}"
+    except OSError as e:
+        message = f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}"
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        message = e.code
+    except Exception as e:
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            raise
+        # Another rank's failure closes the connections this rank's collectives use: say so in one line.
+        raise SystemExit(f"error: rank {rank} stopped: {type(e).__name__}: {first_line(e)}")
+    raise SystemExit(message if int(os.environ.get("RANK", "0")) == 0 else 1)
+
+
+def run_training(argv=None) -> int:
+    """Parse, lock the run folder (rank 0), check everything, then train; returns the exit code."""
+    if any(a.split("=")[0] == "--export-hf" for a in (sys.argv[1:] if argv is None else argv)):
+        return export_main(argv)
+    cfg, given, plot = parse_args(argv)
     if plot:
         plot_runs(plot, os.path.join(cfg.out or ".", "val_loss.svg"))
         return 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = finish_config(cfg, world)
-    d = setup_distributed(cfg.device)
-    os.makedirs(cfg.out, exist_ok=True)
-    trainer = Trainer(cfg, d)
-    trainer.start()
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with locked_folder(run_dir(cfg)) if rank0 else contextlib.nullcontext():  # before anything is read there
+        cfg = finish_config(resumed_config(cfg, given), world)
+        check_run_folder(cfg)
+        d = setup_distributed(cfg.device)
+        trainer = Trainer(cfg, d)
+        trainer.start()
+        code = run_until_signalled(trainer)
+        if d.world > 1:  # only after a normal end: a rank that failed never reaches a barrier the others wait in
+            dist.barrier()  # rank 0 may still be plotting; tearing gloo down under it can crash the process
+            dist.destroy_process_group()
+        return code
+
+
+def run_until_signalled(trainer: Trainer) -> int:
+    """trainer.run() with SIGTERM/SIGINT turned into a stop request: finish the step, save, exit."""
 
     def request_stop(signum, frame):
         trainer.stop_signal = signum
@@ -789,9 +1054,6 @@ def main(argv=None) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        if d.world > 1:
-            dist.barrier()  # rank 0 may still be plotting; tearing gloo down under it can crash the process
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import bert  # noqa: E402
 import data  # noqa: E402
 import stack  # noqa: E402
 import train  # noqa: E402
@@ -40,9 +39,7 @@ SENTENCE_B = "he sat by the water and watched the boats come in."
 def load_model(path: str):
     """(model in eval mode, tokenizer) of a train.py checkpoint."""
     ckpt = train.load_checkpoint(path)
-    model = bert.Bert(bert.BertConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), data.Tokenizer.from_dict(ckpt["tokenizer"])
+    return train.model_from_checkpoint(ckpt, path).eval(), data.Tokenizer.from_dict(ckpt["tokenizer"])
 
 
 def encode_pair(tok, a: str, b: str):
