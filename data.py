@@ -761,8 +761,8 @@ def _run(fn, chunk: Chunk, settings: dict):
     if _task.get("settings") != settings:
         _task.clear()
         _task.update(settings, settings=settings)
-        merges = Tokenizer.load(settings["tokenizer"]).merges if settings.get("tokenizer") else []
-        _task["tokenizer"] = Tokenizer(merges, settings["lowercase"])
+        path = settings.get("tokenizer")  # a saved tokenizer keeps its own pre-token pattern and lower-casing
+        _task["tokenizer"] = Tokenizer.load(path) if path else Tokenizer([], settings["lowercase"])
     return fn(chunk)
 
 
