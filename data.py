@@ -9,28 +9,37 @@ true next text or (p = 0.5) text from another document, 15% of tokens chosen for
 pure function of (seed, e), so masks are fresh every epoch and every rank/micro-batch split of a step sees
 the same examples.
 
-Read in this order: Tokenizer (BPE), synthetic_corpus, read_corpus (+ split_documents), prepare (cache),
-Batches. With no corpus the built-in synthetic language is used, so a bare run is a smoke test:
+Read in this order: Tokenizer (BPE), synthetic_corpus, read_corpus (+ chunk_documents, split_score),
+prepare (the cache, built in two streaming passes by worker processes), Batches. With no corpus the built-in
+synthetic language is used, so a bare run is a smoke test:
 
     python data.py                                      # synthetic corpus, ~10 s
     python data.py --corpus ../shared/data/gutenberg ../shared/data/brown/brown.txt \\
         ../shared/data/wikitext-2-raw --out runs/data-real --vocab-size 16384
+    python data.py --corpus /data/wiki_books --out runs/data-wiki --vocab-size 32768 --workers 16
     python experiments/bench_data.py                    # tokenizer / batch speed
+    python experiments/bench_data.py --scale            # the whole build on 0.25-2 GB corpora
 """
 
 import argparse
 import codecs
+import contextlib
 import hashlib
 import heapq
+import io
 import json
 import math
 import os
 import random
 import re
+import signal
+import threading
 import time
 import unicodedata
 from array import array
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -156,6 +165,25 @@ def learn_merges(words: dict, n_merges: int, progress=None) -> list:
     return merges
 
 
+def check_vocab_size(vocab_size: int):
+    """Fail before any work on a vocabulary without room for the 261 base tokens."""
+    if vocab_size < N_BASE:
+        raise DataError(f"vocab_size={vocab_size} is too small: at least {N_BASE} (5 specials + 256 bytes)")
+
+
+def count_pretokens(texts: Iterable[str], normalize) -> Counter:
+    """Occurrences of each pre-token of the `normalize`d texts: a Counter over PRETOKEN.findall of 10k
+    texts at a time ("\\n" is in no pre-token, so joining texts with it keeps them apart)."""
+    counts, chunk = Counter(), []
+    for text in texts:
+        chunk.append(normalize(text))
+        if len(chunk) >= 10_000:
+            counts.update(PRETOKEN.findall("\n".join(chunk)))
+            chunk = []
+    counts.update(PRETOKEN.findall("\n".join(chunk)))
+    return counts
+
+
 class Tokenizer:
     """Byte-level BPE: ids 0-4 are the specials, 5-260 the 256 byte values, then one id per learned merge.
 
@@ -182,18 +210,17 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, lowercase: bool = True, progress=False):
         """Learn vocab_size - 261 merges from `texts` (fewer if the corpus runs out of repeated pairs).
-        Each distinct pre-token is counted once (a Counter over PRETOKEN.findall of 10k texts at a time).
+        Each distinct pre-token is counted once (count_pretokens), then merged by from_counts.
         progress: False, True (print) or a print-like function."""
+        check_vocab_size(vocab_size)
+        return cls.from_counts(count_pretokens(texts, cls([], lowercase).normalize), vocab_size, lowercase, progress)
+
+    @classmethod
+    def from_counts(cls, counts: dict, vocab_size: int, lowercase: bool = True, progress=False):
+        """Learn merges from pre-token counts ({pre-token of normalized text: occurrences}), e.g. those of
+        count_pretokens or of a streaming pass over a corpus too large to hold."""
         progress = print if progress is True else progress or None
-        if vocab_size < N_BASE:
-            raise DataError(f"vocab_size={vocab_size} is too small: at least {N_BASE} (5 specials + 256 bytes)")
-        tok, counts, chunk = cls([], lowercase), Counter(), []
-        for text in texts:
-            chunk.append(tok.normalize(text))
-            if len(chunk) >= 10_000:
-                counts.update(PRETOKEN.findall("\n".join(chunk)))  # "\n" is in no pre-token: a hard break
-                chunk = []
-        counts.update(PRETOKEN.findall("\n".join(chunk)))
+        check_vocab_size(vocab_size)
         words = {tuple(b + len(SPECIALS) for b in piece.encode()): c for piece, c in counts.items()}
         if progress:
             progress(f"  bpe: {len(words):,} distinct pre-tokens, {sum(counts.values()):,} in all")
@@ -416,19 +443,28 @@ def split_sentences(paragraph: str) -> list:
     return [s for s in SENTENCE_END.split(" ".join(paragraph.split())) if s]
 
 
-def _read_text(path: str, decode_errors: str) -> str:
-    """File contents as str: UTF-8 with an optional BOM; CRLF and CR become LF."""
-    with open(path, "rb") as f:
-        data = f.read()
-    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    if not data[bom:].strip():
-        raise DataError(f"{path}: file is empty (or only whitespace); remove it from the corpus")
-    try:
-        text = data[bom:].decode("utf-8", errors=decode_errors)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 at byte offset {bom + e.start} (byte 0x{data[bom + e.start]:02x}); "
-                        f"re-encode it (e.g. `iconv -f latin1 -t utf-8`) or pass --decode-errors replace") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+CHUNK_BYTES = 1 << 22  # plain-text input is cut into chunks of about 4 MB at document boundaries
+SYNTHETIC_CHUNK_DOCS = 500  # documents per chunk of the synthetic corpus
+WORKER_CACHE = 1 << 18  # a worker empties its tokenizer's pre-token cache when it grows past this many entries
+BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")  # ends a document of a 'lines' file
+TITLE_LINE = re.compile(rb"\n[ \t\r\f\v]*= [^=\r\n][^\r\n]* =[ \t\r\f\v]*(?=\n)")  # WIKI_TITLE on raw bytes
+
+
+@dataclass
+class Chunk:
+    """Whole documents of one input, the unit of work of reading and encoding: raw bytes of a file from
+    byte `offset` (line `line`), or documents of the synthetic corpus. Chunks are read independently."""
+    file_no: int  # the file's position in the corpus: with `line`, names each document for the split
+    path: str
+    fmt: str  # jsonl | wikitext | book | lines | synthetic
+    offset: int  # where `raw` starts in the file, in bytes
+    line: int  # 1-based line number of raw's first line (synthetic: index of the first document)
+    raw: bytes = b""
+    docs: list = None  # synthetic documents (lists of sentences)
+    opens_file: bool = False  # the file's first chunk, which counts the file in the report
+
+    def size(self) -> int:
+        return len(self.raw) if self.docs is None else sum(len(s.encode()) for d in self.docs for s in d)
 
 
 def _text_layout(lines: list, layout: str) -> str:
@@ -442,37 +478,121 @@ def _text_layout(lines: list, layout: str) -> str:
     return "lines" if ends >= 0.6 * len(filled) else "book"
 
 
-def _documents_in_file(path: str, decode_errors: str, layout: str) -> tuple:
-    """(list of documents, each a list of paragraphs; the format name). The format comes from the
-    extension (.jsonl -> JSON Lines, .raw -> WikiText), else from content: a first line like " = Title = "
-    -> WikiText, otherwise plain text (see _text_layout)."""
-    text = _read_text(path, decode_errors)
-    lines = [l.strip() for l in text.split("\n")]
-    first = next(l for l in lines if l)
+def _file_format(path: str, head: bytes, layout: str) -> str:
+    """The format from the extension (.jsonl -> JSON Lines, .raw -> WikiText), else from the file's first
+    CHUNK_BYTES: a first line like " = Title = " -> WikiText, otherwise plain text (see _text_layout)."""
     if path.endswith(".jsonl"):
-        docs = []
-        for n, line in enumerate(lines, 1):
+        return "jsonl"
+    text = head.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    lines = [l.strip() for l in text.split("\n")]
+    first = next((l for l in lines if l), "")
+    if path.endswith(".raw") or WIKI_TITLE.match(first):
+        return "wikitext"
+    return _text_layout(lines, layout)
+
+
+def _last_boundary(buf: bytes, fmt: str) -> int:
+    """Where a chunk of `buf` may end: after the last line (jsonl), the last blank line (lines), before
+    the last title line (wikitext); 0 if there is none. Books are one document: never."""
+    if fmt == "book":
+        return 0
+    if fmt == "jsonl":
+        return buf.rfind(b"\n") + 1
+    pattern, tail = (BLANK_LINE, 0) if fmt == "lines" else (TITLE_LINE, 1)  # a title line starts the next chunk
+    for start in (max(0, len(buf) - (1 << 16)), 0):  # most often found near the end
+        last = None
+        for last in pattern.finditer(buf, start):
+            pass
+        if last:
+            return last.start() + 1 if tail else last.end()
+    return 0
+
+
+def _file_chunks(file_no: int, path: str, layout: str):
+    """The file as Chunks of whole documents, about CHUNK_BYTES each, read as a stream: memory holds a
+    chunk or two, except for a document larger than that (a book is one document)."""
+    with open(path, "rb") as f:
+        buf = f.read(CHUNK_BYTES)
+        bom = len(codecs.BOM_UTF8) if buf.startswith(codecs.BOM_UTF8) else 0
+        while not buf[bom:].strip():
+            more = f.read(CHUNK_BYTES)
+            if not more:
+                raise DataError(f"{path}: file is empty (or only whitespace); remove it from the corpus")
+            buf += more
+        head = buf[bom:] if not f.peek(1) else buf[bom:buf.rfind(b"\n") + 1] or buf[bom:]  # whole lines
+        fmt = _file_format(path, head, layout)
+        buf, offset, line, eof = buf[bom:], bom, 1, False
+        while buf or not eof:
+            cut = len(buf) if eof else _last_boundary(buf, fmt) if len(buf) >= CHUNK_BYTES else 0
+            if not cut:
+                more = f.read(CHUNK_BYTES)
+                buf, eof = buf + more, not more
+                continue
+            yield Chunk(file_no, path, fmt, offset, line, buf[:cut], opens_file=offset == bom)
+            offset, line, buf = offset + cut, line + buf.count(b"\n", 0, cut), buf[cut:]
+
+
+def _decode(chunk: Chunk, decode_errors: str) -> str:
+    """The chunk's text: UTF-8 (the error names the byte offset in the file); CRLF and CR become LF."""
+    try:
+        text = chunk.raw.decode("utf-8", errors=decode_errors)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{chunk.path}: not valid UTF-8 at byte offset {chunk.offset + e.start} "
+                        f"(byte 0x{chunk.raw[e.start]:02x}); re-encode it (e.g. `iconv -f latin1 -t utf-8`) "
+                        f"or pass --decode-errors replace") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _paragraph_documents(chunk: Chunk, decode_errors: str) -> list:
+    """The chunk's documents as (line number of their first line, list of paragraphs)."""
+    lines = [l.strip() for l in _decode(chunk, decode_errors).split("\n")]
+    docs, start, current = [], chunk.line, []
+    if chunk.fmt == "jsonl":
+        for n, line in enumerate(lines, chunk.line):
             if not line:
                 continue
             try:
-                record = json.loads(line)
-                docs.append(regex.split(r"\n\s*\n", record["text"]))
+                docs.append((n, regex.split(r"\n\s*\n", json.loads(line)["text"])))
             except (json.JSONDecodeError, TypeError, KeyError) as e:
-                raise DataError(f"{path}:{n}: expected a JSON object with a string \"text\" field per line "
-                                f"({type(e).__name__}: {e})") from None
-        return docs, "jsonl"
-    if path.endswith(".raw") or WIKI_TITLE.match(first):
-        docs = [[]]
-        for line in lines:
-            if WIKI_TITLE.match(line):
-                docs.append([])
-            elif line and not WIKI_HEADING.match(line):
-                docs[-1].append(line)
-        return [d for d in docs if d], "wikitext"
-    if _text_layout(lines, layout) == "book":
-        return ["\n".join(lines).split("\n\n")], "book"
-    blocks = "\n".join(lines).split("\n\n")
-    return [[line for line in b.split("\n") if line] for b in blocks if b.strip()], "lines"
+                raise DataError(f"{chunk.path}:{n}: expected a JSON object with a string \"text\" field per "
+                                f"line ({type(e).__name__}: {e})") from None
+        return docs
+    if chunk.fmt == "book":
+        return [(chunk.line, "\n".join(lines).split("\n\n"))]
+    for n, line in enumerate(lines, chunk.line):
+        if chunk.fmt == "wikitext" and WIKI_TITLE.match(line):  # a title starts an article
+            docs.append((start, current))
+            start, current = n, []
+        elif chunk.fmt == "lines" and not line:  # a blank line ends a document
+            docs.append((start, current))
+            start, current = n + 1, []
+        elif line and not (chunk.fmt == "wikitext" and WIKI_HEADING.match(line)):
+            current.append(line)
+    docs.append((start, current))
+    return [(n, d) for n, d in docs if d]
+
+
+def chunk_documents(chunk: Chunk, decode_errors: str = "strict") -> tuple:
+    """(documents as ((file_no, line), sentences), report counts) of one chunk. Paragraphs are sentence-split
+    by SENTENCE_END (for 'lines' files each line is split too, so a line holding two sentences becomes two).
+    Documents with fewer than two sentences are skipped (NSP needs a next sentence) and counted."""
+    report = Counter(documents=0, sentences=0, skipped_short_documents=0)
+    if chunk.opens_file:
+        report[f"files_{chunk.fmt}"] += 1
+    if chunk.docs is not None:
+        found = [(chunk.line + i, d) for i, d in enumerate(chunk.docs)]
+    else:
+        found = [(n, [s for p in paragraphs for s in split_sentences(p)])
+                 for n, paragraphs in _paragraph_documents(chunk, decode_errors)]
+    docs = []
+    for n, sentences in found:
+        if len(sentences) < 2:
+            report["skipped_short_documents"] += 1
+            continue
+        docs.append(((chunk.file_no, n), sentences))
+        report["documents"] += 1
+        report["sentences"] += len(sentences)
+    return docs, report
 
 
 def _corpus_files(paths: list) -> list:
@@ -491,35 +611,28 @@ def _corpus_files(paths: list) -> list:
     return files
 
 
+def corpus_chunks(paths: list, layout: str = "auto"):
+    """Every file of `paths` as Chunks, in order (see _file_chunks)."""
+    for file_no, path in enumerate(_corpus_files(paths)):
+        yield from _file_chunks(file_no, path, layout)
+
+
 def read_corpus(paths: list, decode_errors: str = "strict", layout: str = "auto") -> tuple:
-    """(documents as lists of sentences, report of counts). Paragraphs are sentence-split by SENTENCE_END
-    (for 'lines' files each line is split too, so a line holding two sentences becomes two). Documents with
-    fewer than two sentences are skipped (NSP needs a next sentence) and counted in the report."""
+    """(documents as lists of sentences, report of counts), all in memory: for small corpora and tests.
+    prepare() reads the same documents as a stream (corpus_chunks + chunk_documents)."""
     docs, report = [], Counter(documents=0, sentences=0, skipped_short_documents=0)
-    for path in _corpus_files(paths):
-        file_docs, fmt = _documents_in_file(path, decode_errors, layout)
-        report[f"files_{fmt}"] += 1
-        for paragraphs in file_docs:
-            sentences = [s for p in paragraphs for s in split_sentences(p)]
-            if len(sentences) < 2:
-                report["skipped_short_documents"] += 1
-                continue
-            docs.append(sentences)
-            report["documents"] += 1
-            report["sentences"] += len(sentences)
+    for chunk in corpus_chunks(paths, layout):
+        found, counts = chunk_documents(chunk, decode_errors)
+        docs += [sentences for _, sentences in found]
+        report.update(counts)
     return docs, dict(report)
 
 
-def split_documents(docs: list, seed: int, valid_fraction: float = 1 / 200) -> tuple:
-    """(train, valid): a seeded random `valid_fraction` of the documents (at least 2) goes to validation,
-    199:1 by default as in the paper; both keep corpus order."""
-    n_valid = max(2, round(len(docs) * valid_fraction))
-    if len(docs) - n_valid < 2:
-        raise DataError(f"the corpus has {len(docs)} usable documents (>= 2 sentences each); need at least "
-                        f"{n_valid + 2} for {n_valid} validation + 2 training documents. Add text.")
-    is_valid = np.zeros(len(docs), bool)
-    is_valid[np.random.default_rng(seed).permutation(len(docs))[:n_valid]] = True
-    return [d for d, v in zip(docs, is_valid) if not v], [d for d, v in zip(docs, is_valid) if v]
+def split_score(seed: int, key: tuple) -> float:
+    """A seeded hash of a document's key (file number, line) in [0, 1): the document is for validation
+    when its score is below valid_fraction. Decided per document, without seeing the others."""
+    digest = hashlib.blake2b(f"{seed}:{key[0]}:{key[1]}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2 ** 64
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -539,6 +652,8 @@ class DataConfig:
     decode_errors: str = "strict"  # "strict": non-UTF-8 input is an error; "replace": decode it as U+FFFD
     layout: str = "auto"  # plain-text layout: "lines" (BERT's format), "book" (file = one document), "auto"
     synthetic_docs: int = 2000  # documents in the synthetic corpus (when corpus is empty)
+    max_pretokens: int = 1 << 19  # BPE counts the most frequent this many distinct pre-tokens (see _count_pass)
+    workers: int = 0  # processes that read and encode (0 = every core this process may use); same output
 
 
 @dataclass
@@ -565,9 +680,10 @@ class Prepared:
     report: dict  # counts from read_corpus and the header (documents, skips, files per format, ...)
     reused: bool  # True when the cache was read instead of rebuilt
     unigram_entropy: float  # nats per token of the train split's unigram distribution (specials excluded)
+    majority_accuracy: float  # MLM accuracy of always guessing the train split's most frequent token
 
 
-CACHE_FORMAT, CACHE_VERSION = "bert-token-cache", 1
+CACHE_FORMAT, CACHE_VERSION = "bert-token-cache", 2
 SPLIT_ARRAYS = ("tokens", "sent_starts", "doc_starts")  # the fields of Split, one .npy file each per split
 
 
@@ -583,7 +699,8 @@ def _fingerprint(cfg: DataConfig) -> dict:
     if cfg.tokenizer and not os.path.isfile(cfg.tokenizer):
         raise DataError(f"{cfg.tokenizer}: tokenizer file not found; pass a tokenizer.json written by Tokenizer.save")
     given = Tokenizer.load(cfg.tokenizer).hash() if cfg.tokenizer else ""
-    keys = ("vocab_size", "lowercase", "seed", "valid_fraction", "decode_errors", "layout", "synthetic_docs")
+    keys = ("vocab_size", "lowercase", "seed", "valid_fraction", "decode_errors", "layout", "synthetic_docs",
+            "max_pretokens")
     return dict(files=files, tokenizer_file=given, **{k: getattr(cfg, k) for k in keys})
 
 
@@ -607,20 +724,20 @@ def tokenize_documents(docs: list, tok: Tokenizer, name: str = "", progress=prin
                  np.array(doc_starts, np.int64))
 
 
-def _load_cache(cfg: DataConfig, key: dict):
-    """(tokenizer, splits, header) if cache_dir holds a complete cache built from `key`, else None.
-    header.json is written last and records every array's size: if it is missing, from other inputs, or
-    an array is truncated, the cache is not used."""
-    header_path = os.path.join(cfg.cache_dir, "header.json")
+def _load_cache(cache_dir: str, key) -> tuple:
+    """(tokenizer, splits, header) if cache_dir holds a complete cache built from `key` (None: from any
+    inputs), else None. header.json is written last and records every array's size: if it is missing, from
+    other inputs, or an array is truncated, the cache is not used."""
+    header_path = os.path.join(cache_dir, "header.json")
     try:
         with open(header_path) as f:
             header = json.load(f)
-        tok = Tokenizer.load(os.path.join(cfg.cache_dir, "tokenizer.json"))
+        tok = Tokenizer.load(os.path.join(cache_dir, "tokenizer.json"))
     except (OSError, ValueError):
         return None
-    if (header.get("format"), header.get("version"), header.get("key")) != (CACHE_FORMAT, CACHE_VERSION, key):
+    if (header.get("format"), header.get("version")) != (CACHE_FORMAT, CACHE_VERSION) or key not in (None, header["key"]):
         return None
-    paths = {f"{s}.{a}": os.path.join(cfg.cache_dir, f"{s}.{a}.npy") for s in ("train", "valid") for a in SPLIT_ARRAYS}
+    paths = {f"{s}.{a}": os.path.join(cache_dir, f"{s}.{a}.npy") for s in ("train", "valid") for a in SPLIT_ARRAYS}
     if tok.hash() != header["tokenizer_hash"] or any(
             not os.path.exists(p) or os.path.getsize(p) != header["sizes"].get(n) for n, p in paths.items()):
         return None
@@ -629,44 +746,333 @@ def _load_cache(cfg: DataConfig, key: dict):
     return tok, splits, header
 
 
-def _build_cache(cfg: DataConfig, key: dict, progress) -> tuple:
-    """Read, split, train the tokenizer on the train split, tokenize, write arrays, then header.json."""
-    if cfg.corpus:
-        docs, report = read_corpus(cfg.corpus, cfg.decode_errors, cfg.layout)
-    else:
-        docs = synthetic_corpus(cfg.seed, cfg.synthetic_docs)
-        report = {"documents": len(docs), "sentences": sum(map(len, docs)), "skipped_short_documents": 0}
-    progress(f"read {report['documents']} documents, {report['sentences']} sentences")
-    train_docs, valid_docs = split_documents(docs, cfg.seed, cfg.valid_fraction)
-    os.makedirs(cfg.cache_dir, exist_ok=True)
-    header_path = os.path.join(cfg.cache_dir, "header.json")
-    if os.path.exists(header_path):
-        os.remove(header_path)  # from here on, an interrupted build leaves no valid cache behind
-    if cfg.tokenizer:
-        tok = Tokenizer.load(cfg.tokenizer)
-    else:
-        t0 = time.time()
-        tok = Tokenizer.train((s for d in train_docs for s in d), cfg.vocab_size, cfg.lowercase, progress)
-        progress(f"trained BPE: {tok.vocab_size} tokens in {time.time() - t0:.1f} s")
-    tok.save(os.path.join(cfg.cache_dir, "tokenizer.json"))
-    splits = [tokenize_documents(d, tok, name, progress) for d, name in ((train_docs, "train"), (valid_docs, "valid"))]
-    sizes = {}
-    for split, name in zip(splits, ("train", "valid")):
-        for a in SPLIT_ARRAYS:
-            path = os.path.join(cfg.cache_dir, f"{name}.{a}.npy")
-            atomic_write(path, lambda f: np.save(f, getattr(split, a)))
-            sizes[f"{name}.{a}"] = os.path.getsize(path)
-    header = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "tokenizer_hash": tok.hash(),
-              "sizes": sizes, "report": report}
-    atomic_write(header_path, lambda f: f.write(json.dumps(header, indent=1).encode()))
-    return tok, splits, header
+# Building the cache: two streaming passes over the corpus, in chunks of whole documents, in worker processes.
+# Pass 1 reads every chunk and counts the pre-tokens of its training documents; the parent adds the counts up
+# (chunk by chunk, in corpus order) and trains BPE on them. Pass 2 reads every chunk again and encodes it; the
+# parent appends the arrays to the .npy files in corpus order. Each chunk's result depends on the chunk alone,
+# so any number of workers writes the same bytes as one.
+
+_task = {}  # the settings of the pass a process is reading chunks for (set by _run)
+
+
+def _run(fn, chunk: Chunk, settings: dict):
+    """fn(chunk) under the pass's settings: seed, valid_fraction, decode_errors, lowercase, count (pass 1),
+    tokenizer and extra_valid (pass 2). A process loads them on its first chunk of a pass."""
+    if _task.get("settings") != settings:
+        _task.clear()
+        _task.update(settings, settings=settings)
+        path = settings.get("tokenizer")  # a saved tokenizer keeps its own pre-token pattern and lower-casing
+        _task["tokenizer"] = Tokenizer.load(path) if path else Tokenizer([], settings["lowercase"])
+    return fn(chunk)
+
+
+def _start_worker():
+    """Worker process set-up: Ctrl-C is for the parent (which ends the pool), and a worker whose parent is
+    gone (killed) exits instead of waiting for work forever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def exit_when_orphaned():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=exit_when_orphaned, daemon=True).start()
+
+
+def _scored(docs: list) -> list:
+    """(split score, key, sentences, is for validation) of each document."""
+    extra = _task.get("extra_valid", ())
+    scores = [split_score(_task["seed"], key) for key, _ in docs]
+    return [(score, key, s, score < _task["valid_fraction"] or key in extra) for score, (key, s) in zip(scores, docs)]
+
+
+def _count_chunk(chunk: Chunk) -> dict:
+    """Pass 1 on one chunk: report counts, validation documents, pre-token counts of the training documents,
+    and the two training documents of lowest split score with their counts (see _count_pass)."""
+    docs, report = chunk_documents(chunk, _task["decode_errors"])
+    train = [(score, key, sentences) for score, key, sentences, valid in _scored(docs) if not valid]
+    normalize = _task["tokenizer"].normalize
+    count = (lambda texts: count_pretokens(texts, normalize)) if _task["count"] else (lambda texts: Counter())
+    spare = [(score, key, count(sentences)) for score, key, sentences in heapq.nsmallest(2, train)]
+    return dict(report=report, n_valid=len(docs) - len(train), spare=spare, size=chunk.size(),
+                counts=count(s for _, _, sentences in train for s in sentences))
+
+
+def _encode_chunk(chunk: Chunk) -> dict:
+    """Pass 2 on one chunk: the training and validation documents as Splits (offsets from 0), and the token
+    histogram of the training ones."""
+    docs, _ = chunk_documents(chunk, _task["decode_errors"])
+    tok, quiet = _task["tokenizer"], (lambda *args: None)
+    if len(tok.cache) > WORKER_CACHE:  # bounded memory: the frequent pre-tokens come back at once
+        tok.cache.clear()
+    scored = _scored(docs)
+    splits = [tokenize_documents([s for _, _, s, valid in scored if valid == want], tok, progress=quiet)
+              for want in (False, True)]
+    return dict(splits=splits, counts=np.bincount(splits[0].tokens, minlength=tok.vocab_size), size=chunk.size(),
+                docs=len(docs))
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int):
+    """A pool of `workers` processes (None for one: chunks are then read in this process). On leaving,
+    also by an error, the chunks still queued are dropped and the workers end."""
+    if workers == 1:
+        yield None
+        return
+    pool = ProcessPoolExecutor(workers, initializer=_start_worker)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ordered_map(fn, chunks, settings: dict, pool, workers: int):
+    """fn(chunk) for every chunk, yielded in input order: in this process (pool None) or in the pool's
+    workers, at most two chunks per worker in flight (bounded memory). An exception in a worker (bad input)
+    or a worker that dies ends the map at once."""
+    if pool is None:
+        yield from (_run(fn, chunk, settings) for chunk in chunks)
+        return
+    pending = deque()
+    for chunk in chunks:
+        try:
+            future = pool.submit(_run, fn, chunk, settings)
+        except BrokenProcessPool:
+            _next_result(pending)  # raises, naming where reading was
+        pending.append((future, f"{chunk.path} from byte {chunk.offset} (line {chunk.line})"))
+        if len(pending) > 2 * workers:
+            yield _next_result(pending)
+    while pending:
+        yield _next_result(pending)
+
+
+def _next_result(pending: deque):
+    """The oldest chunk's result; a dead worker (which breaks the whole pool) becomes a DataError."""
+    future, where = pending[0]
+    try:
+        result = future.result()
+    except BrokenProcessPool:
+        raise DataError(f"a worker process died (out of memory? killed?) while the chunks from {where} on were "
+                        f"read; no cache was written. Retry, with fewer --workers if memory is short") from None
+    pending.popleft()
+    return result
+
+
+class _Meter:
+    """Progress of a pass: a line every few seconds with MB done, MB/s, documents and the pass's ETA."""
+
+    def __init__(self, what: str, total_bytes: int, progress, every: float = 5.0):
+        self.what, self.total, self.progress, self.every = what, total_bytes, progress, every
+        self.done = self.docs = 0
+        self.t0 = self.last = time.time()
+
+    def add(self, n_bytes: int, n_docs: int):
+        self.done, self.docs = self.done + n_bytes, self.docs + n_docs
+        if time.time() - self.last >= self.every:
+            self.last = time.time()
+            self.show()
+
+    def show(self):
+        elapsed = max(time.time() - self.t0, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate else 0
+        self.progress(f"  {self.what}: {self.done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB, {rate / 1e6:.2f} MB/s, "
+                      f"{self.docs:,} documents, {elapsed:.0f} s, ETA {max(eta, 0):.0f} s")
+
+
+def _settings(cfg: DataConfig, **more) -> dict:
+    """What a worker needs of cfg to read a chunk (see _run), plus the pass's own settings."""
+    return dict(seed=cfg.seed, valid_fraction=cfg.valid_fraction, decode_errors=cfg.decode_errors,
+                lowercase=cfg.lowercase, **more)
+
+
+def _most_frequent(counts: Counter, n: int) -> Counter:
+    """The n most frequent pre-tokens (ties: the smaller string), independent of the order counts came in."""
+    return Counter(dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]))
+
+
+def _count_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, progress) -> tuple:
+    """(pre-token counts of the training documents, report, keys of documents moved to validation).
+
+    The split: a document is for validation when its split_score is below valid_fraction, and if that gives
+    fewer than 2 documents, the training documents of lowest score make up 2 (their counts are taken back).
+    The count table is kept to the cfg.max_pretokens most frequent pre-tokens: when it reaches twice that,
+    the rarer ones are dropped, so memory stays bounded while distinct words keep growing with the corpus.
+    Below that size the counts are exact."""
+    report, counts, spare, n_valid = Counter(documents=0, sentences=0, skipped_short_documents=0), Counter(), [], 0
+    meter = _Meter("pass 1/2, read + count", total, progress)
+    settings = _settings(cfg, count=not cfg.tokenizer)
+    for r in _ordered_map(_count_chunk, chunks, settings, pool, workers):
+        report.update(r["report"])
+        n_valid += r["n_valid"]
+        counts.update(r["counts"])
+        if len(counts) >= 2 * cfg.max_pretokens:
+            counts = _most_frequent(counts, cfg.max_pretokens)
+        spare = heapq.nsmallest(2, spare + r["spare"], key=lambda t: t[:2])
+        meter.add(r["size"], r["report"]["documents"])
+    meter.show()
+    moved = spare[:max(0, 2 - n_valid)]
+    for _, _, c in moved:
+        counts.subtract(c)
+    n_valid += len(moved)
+    if report["documents"] - n_valid < 2:
+        raise DataError(f"the corpus has {report['documents']} usable documents (>= 2 sentences each); need at "
+                        f"least {n_valid + 2} for {n_valid} validation + 2 training documents. Add text.")
+    progress(f"read {report['documents']} documents ({n_valid} for validation), {report['sentences']} sentences")
+    counts = +counts  # drops what moving documents took back
+    if len(counts) > cfg.max_pretokens:
+        counts = _most_frequent(counts, cfg.max_pretokens)
+    return counts, dict(report), [key for _, key, _ in moved]
+
+
+class _ArrayWriter:
+    """A 1-D .npy file written in pieces: a header with room for any length, the data appended, then the
+    header rewritten with the final length and the file renamed into place. abort() removes it."""
+
+    def __init__(self, path: str, dtype):
+        self.path, self.tmp, self.dtype, self.n = path, f"{path}.tmp{os.getpid()}", np.dtype(dtype), 0
+        self.f = open(self.tmp, "wb")
+        self.header_len = self.f.write(self.header())
+
+    def header(self) -> bytes:
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                  "fortran_order": False, "shape": (self.n,)})
+        return buf.getvalue()
+
+    def append(self, values: np.ndarray):
+        self.f.write(np.ascontiguousarray(values, self.dtype).tobytes())
+        self.n += len(values)
+
+    def close(self) -> int:
+        """Finish the file; its size in bytes."""
+        header = self.header()
+        assert len(header) == self.header_len  # 128 bytes for any length below 10**40
+        self.f.seek(0)
+        self.f.write(header)
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return os.path.getsize(self.path)
+
+    def abort(self):
+        self.f.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def _encode_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, tok: Tokenizer, extra_valid: list,
+                 progress) -> tuple:
+    """Encode every chunk (in workers) and append its arrays to the cache's .npy files in corpus order;
+    (file sizes, token histogram of the train split)."""
+    token_dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32
+    writers = {f"{s}.{a}": _ArrayWriter(os.path.join(cfg.cache_dir, f"{s}.{a}.npy"), token_dtype if a == "tokens" else np.int64)
+               for s in ("train", "valid") for a in SPLIT_ARRAYS}
+    settings = _settings(cfg, tokenizer=os.path.join(cfg.cache_dir, "tokenizer.json"), tokenizer_hash=tok.hash(),
+                         extra_valid=extra_valid)  # the hash tells rebuilds into the same folder apart
+    counts, meter = np.zeros(tok.vocab_size, np.int64), _Meter("pass 2/2, encode", total, progress)
+    try:
+        for s in ("train", "valid"):
+            writers[f"{s}.sent_starts"].append([0])
+            writers[f"{s}.doc_starts"].append([0])
+        for r in _ordered_map(_encode_chunk, chunks, settings, pool, workers):
+            for s, split in zip(("train", "valid"), r["splits"]):
+                n_tokens, n_sentences = writers[f"{s}.tokens"].n, writers[f"{s}.sent_starts"].n - 1
+                writers[f"{s}.tokens"].append(split.tokens)
+                writers[f"{s}.sent_starts"].append(split.sent_starts[1:] + n_tokens)
+                writers[f"{s}.doc_starts"].append(split.doc_starts[1:] + n_sentences)
+            counts += r["counts"]
+            meter.add(r["size"], r["docs"])
+        meter.show()
+        return {name: w.close() for name, w in writers.items()}, counts
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+
+
+def token_stats(counts: np.ndarray) -> dict:
+    """Unigram entropy (nats) and majority-token accuracy of a token histogram, specials excluded: what a
+    model that ignores context scores in MLM loss and accuracy."""
+    c = counts[len(SPECIALS):].astype(np.float64)
+    p = c[c > 0] / c.sum()
+    return {"unigram_entropy": float(-(p * np.log(p)).sum()), "majority_accuracy": float(c.max() / c.sum())}
+
+
+def token_counts(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
+    """np.bincount of a (memory-mapped) token array, 16M tokens at a time: never the whole array as int64."""
+    counts = np.zeros(vocab_size, np.int64)
+    for i in range(0, len(tokens), chunk):
+        counts += np.bincount(tokens[i:i + chunk], minlength=vocab_size)
+    return counts
 
 
 def unigram_entropy(split: Split, vocab_size: int) -> float:
     """Entropy (nats) of the split's token frequencies: the MLM loss of a model that ignores context."""
-    counts = np.bincount(split.tokens, minlength=vocab_size)[len(SPECIALS):].astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return token_stats(token_counts(split.tokens, vocab_size))["unigram_entropy"]
+
+
+def _corpus(cfg: DataConfig) -> tuple:
+    """(total input bytes, a function giving the corpus as Chunks in order, once per pass)."""
+    if cfg.corpus:
+        total = sum(os.path.getsize(p) for p in _corpus_files(cfg.corpus))
+        return total, lambda: corpus_chunks(cfg.corpus, cfg.layout)
+    docs = synthetic_corpus(cfg.seed, cfg.synthetic_docs)
+    chunks = [Chunk(0, "synthetic corpus", "synthetic", 0, i, docs=docs[i:i + SYNTHETIC_CHUNK_DOCS])
+              for i in range(0, len(docs), SYNTHETIC_CHUNK_DOCS)]
+    return sum(c.size() for c in chunks), lambda: iter(chunks)
+
+
+def worker_count(workers: int, total_bytes: int) -> int:
+    """`workers`, 0 meaning every core this process may use, but no more than there are chunks to read."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(workers or available, -(-total_bytes // CHUNK_BYTES)))
+
+
+def _build_cache(cfg: DataConfig, key: dict, progress):
+    """Remove header.json, count (pass 1), train or load the tokenizer, encode (pass 2), then write
+    header.json with the arrays' sizes and the train split's statistics. Until header.json is written there
+    is no valid cache: an interrupted or failed build leaves none."""
+    os.makedirs(cfg.cache_dir, exist_ok=True)
+    header_path = os.path.join(cfg.cache_dir, "header.json")
+    if os.path.exists(header_path):
+        os.remove(header_path)
+    own = {"header.json", "tokenizer.json"} | {f"{s}.{a}.npy" for s in ("train", "valid") for a in SPLIT_ARRAYS}
+    for name in os.listdir(cfg.cache_dir):  # temporaries of a build that was killed
+        if name.split(".tmp")[0] in own and ".tmp" in name:
+            os.remove(os.path.join(cfg.cache_dir, name))
+    total, chunks = _corpus(cfg)
+    workers = worker_count(cfg.workers, total)
+    progress(f"  {total / 1e6:,.1f} MB of input, {workers} worker process{'es' if workers > 1 else ''}")
+    # one pool for both passes, started while this process is small: forked workers share its pages
+    with _worker_pool(workers) as pool:
+        counts, report, extra_valid = _count_pass(cfg, chunks(), total, pool, workers, progress)
+        if cfg.tokenizer:
+            tok = Tokenizer.load(cfg.tokenizer)
+        else:
+            t0 = time.time()
+            tok = Tokenizer.from_counts(counts, cfg.vocab_size, cfg.lowercase, progress)
+            progress(f"trained BPE: {tok.vocab_size} tokens in {time.time() - t0:.1f} s")
+        del counts
+        tok.save(os.path.join(cfg.cache_dir, "tokenizer.json"))
+        sizes, token_hist = _encode_pass(cfg, chunks(), total, pool, workers, tok, extra_valid, progress)
+    header = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "tokenizer_hash": tok.hash(),
+              "sizes": sizes, "report": report, "stats": token_stats(token_hist)}
+    atomic_write(header_path, lambda f: f.write(json.dumps(header, indent=1).encode()))
+
+
+def _prepared(cached: tuple, reused: bool) -> Prepared:
+    tok, (train, valid), header = cached
+    return Prepared(tok, train, valid, header["report"], reused, header["stats"]["unigram_entropy"],
+                    header["stats"]["majority_accuracy"])
+
+
+def open_cache(cache_dir: str) -> Prepared:
+    """The complete cache in cache_dir, whichever inputs built it (no content hashing): for processes that
+    waited while another one built it, e.g. the other ranks under torchrun."""
+    cached = _load_cache(cache_dir, None)
+    if cached is None:
+        raise DataError(f"{cache_dir}: no complete token cache (header.json missing or arrays truncated)")
+    return _prepared(cached, reused=True)
 
 
 def prepare(cfg: DataConfig, progress=print) -> Prepared:
@@ -676,17 +1082,20 @@ def prepare(cfg: DataConfig, progress=print) -> Prepared:
         raise DataError(f"seq_len={cfg.seq_len} is too short: [CLS] A [SEP] B [SEP] needs at least 8")
     if cfg.decode_errors not in ("strict", "replace") or cfg.layout not in ("auto", "lines", "book"):
         raise DataError(f"decode_errors={cfg.decode_errors!r} (strict|replace), layout={cfg.layout!r} (auto|lines|book)")
+    if cfg.workers < 0:
+        raise DataError(f"workers={cfg.workers}: give a number of processes, or 0 for every core")
+    if not cfg.tokenizer:
+        check_vocab_size(cfg.vocab_size)
     key = _fingerprint(cfg)
-    cached = _load_cache(cfg, key)
+    cached = _load_cache(cfg.cache_dir, key)
     reused = cached is not None
     if reused:
         progress(f"reusing token cache in {cfg.cache_dir}")
     else:
         progress(f"building token cache in {cfg.cache_dir}")
         _build_cache(cfg, key, progress)
-        cached = _load_cache(cfg, key)  # read back memory-mapped, exactly as a later run will
-    tok, (train, valid), header = cached
-    return Prepared(tok, train, valid, header["report"], reused, unigram_entropy(train, tok.vocab_size))
+        cached = _load_cache(cfg.cache_dir, key)  # read back memory-mapped, exactly as a later run will
+    return _prepared(cached, reused)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -835,6 +1244,11 @@ if __name__ == "__main__":
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size incl. 261 base tokens")
     p.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True, help="lower-case text first")
     p.add_argument("--tokenizer", default="", help="use this saved tokenizer.json instead of training one")
+    p.add_argument("--max-pretokens", type=int, default=DataConfig.max_pretokens,
+                   help="BPE counts at most this many distinct pre-tokens, the most frequent (bounds memory)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes that read and encode the corpus (0 = every core this process may use); "
+                        "any number gives the same cache")
     # split and batches
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus, the split and the sample batch")
     p.add_argument("--valid-fraction", type=float, default=1 / 200, help="share of documents for validation")
@@ -842,10 +1256,13 @@ if __name__ == "__main__":
     args = p.parse_args()
     if not 0 < args.valid_fraction < 1:
         p.error(f"--valid-fraction must be in (0, 1), got {args.valid_fraction}")
+    if args.workers < 0 or args.max_pretokens < 1:
+        p.error(f"--workers must be >= 0 (got {args.workers}), --max-pretokens >= 1 (got {args.max_pretokens})")
 
     cfg = DataConfig(corpus=args.corpus, cache_dir=args.out, vocab_size=args.vocab_size, lowercase=args.lowercase,
                      seed=args.seed, seq_len=args.seq_len, valid_fraction=args.valid_fraction, tokenizer=args.tokenizer,
-                     decode_errors=args.decode_errors, layout=args.layout, synthetic_docs=args.synthetic_docs)
+                     decode_errors=args.decode_errors, layout=args.layout, synthetic_docs=args.synthetic_docs,
+                     max_pretokens=args.max_pretokens, workers=args.workers)
     try:
         prep = prepare(cfg)
     except DataError as e:
@@ -854,7 +1271,7 @@ if __name__ == "__main__":
     for name, split in (("train", prep.train), ("valid", prep.valid)):
         print(f"{name}: {split.num_docs:,} docs, {split.num_sentences:,} sentences, {split.num_tokens:,} tokens")
     print(f"vocab: {prep.tokenizer.vocab_size}, unigram entropy {prep.unigram_entropy:.3f} nats "
-          f"(the MLM loss of a context-free model)")
+          f"(the MLM loss of a context-free model), majority-token accuracy {prep.majority_accuracy:.3f}")
     batch = Batches(prep.train, prep.tokenizer, cfg.seq_len, cfg.seed).get(range(2))
     for row in range(2):
         print(show_example(prep.tokenizer, batch, row))

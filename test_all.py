@@ -686,16 +686,6 @@ def test_bad_paths_and_replace(tmp_path):
     assert data.read_corpus([path], decode_errors="replace")[0] == [["Caf\ufffd au lait.", "Good."]]
 
 
-def test_split_documents():
-    docs = [[f"d{i} a.", f"d{i} b."] for i in range(1000)]
-    train, valid = data.split_documents(docs, seed=3)
-    assert len(valid) == 5 and sorted(train + valid) == sorted(docs)
-    assert (train, valid) == data.split_documents(docs, seed=3)
-    assert valid != data.split_documents(docs, seed=4)[1]
-    with pytest.raises(DataError, match="usable documents"):
-        data.split_documents(docs[:3], seed=0)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Cache
 
@@ -758,6 +748,187 @@ def test_corpus_too_small(tmp_path):
     path = data_write(tmp_path, "tiny.txt", "One doc. Two sentences.\n\nAnother doc. Yes.\n")
     with pytest.raises(DataError, match="usable documents"):
         data_prep(path, tmp_path / "cache")
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cache: streaming build in chunks, worker processes, failures, statistics, torchrun
+
+def data_mixed_corpus(tmp_path) -> str:
+    """A folder with every format: lines, the same with BOM + CRLF, JSONL, WikiText, a wrapped book."""
+    import textwrap
+    docs = data.synthetic_corpus(seed=2, n_docs=160)
+    lines = "\n\n".join("\n".join(d) for d in docs[:40]) + "\n"
+    data_write(tmp_path, "mixed/a/lines.txt", lines)
+    data_write(tmp_path, "mixed/a/crlf.txt", ("\ufeff" + lines.replace("\n", " \r\n")).encode(), "wb")
+    data_write(tmp_path, "mixed/b.jsonl", "".join(json.dumps({"text": " ".join(d[:4]) + "\n\n" + " ".join(d[4:])})
+                                                  + "\n" for d in docs[40:80]))
+    data_write(tmp_path, "mixed/c.raw", "".join(f" = Article {i} = \n \n = = Part = = \n" + "".join(f" {s}\n" for s in d)
+                                                for i, d in enumerate(docs[80:120])))
+    data_write(tmp_path, "mixed/d.txt", "\n\n".join(textwrap.fill(" ".join(d), 50) for d in docs[120:160]) + "\n")
+    return str(tmp_path / "mixed")
+
+
+def test_chunked_reading_equals_whole_files(tmp_path, monkeypatch):
+    """Cutting files into 1 KB chunks at document boundaries reads the same documents as whole files."""
+    folder = data_mixed_corpus(tmp_path)
+    whole = data.read_corpus([folder])
+    assert whole[1] == {"documents": 161, "sentences": sum(map(len, whole[0])), "skipped_short_documents": 0,
+                        "files_lines": 2, "files_jsonl": 1, "files_wikitext": 1, "files_book": 1}
+    monkeypatch.setattr(data, "CHUNK_BYTES", 1024)
+    assert len(list(data.corpus_chunks([folder]))) > 100
+    assert data.read_corpus([folder]) == whole
+
+
+def test_split_is_a_seeded_hash_per_document(tmp_path):
+    """A document is for validation when split_score(seed, (file, line)) < 1/200, and at least 2 are."""
+    def valid_ids(n_docs, seed):
+        path = data_write(tmp_path, f"{n_docs}.txt", "".join(f"d{i} a.\nd{i} b.\n\n" for i in range(n_docs)))
+        prep = data_prep(path, tmp_path / f"cache{n_docs}-{seed}", seed=seed)
+        v, tok = prep.valid, prep.tokenizer
+        assert prep.train.num_docs + v.num_docs == n_docs
+        return [int(tok.decode(v.tokens[v.sent_starts[d]:v.sent_starts[d + 1]])[1:-3]) for d in v.doc_starts[:-1]]
+
+    scores = {seed: [data.split_score(seed, (0, 3 * i + 1)) for i in range(1000)] for seed in (3, 4)}  # doc i: line 3i+1
+    for seed in (3, 4):
+        assert valid_ids(1000, seed) == [i for i, s in enumerate(scores[seed]) if s < 1 / 200]
+    assert valid_ids(1000, 3) != valid_ids(1000, 4) and 2 <= len(valid_ids(1000, 3)) <= 15
+    few = scores[3][:20]  # too few documents for 1/200: the two of lowest score
+    assert valid_ids(20, 3) == sorted(sorted(range(20), key=few.__getitem__)[:2])
+
+
+@pytest.mark.parametrize("max_pretokens", [1 << 20, 500])
+def test_one_and_two_workers_write_identical_caches(tmp_path, monkeypatch, max_pretokens):
+    """Byte-identical tokenizer, arrays and header from 1 and 2 workers (also when the count table is cut);
+    the arrays hold every document; with the table uncut, BPE equals Tokenizer.train on the train split."""
+    folder = data_mixed_corpus(tmp_path)
+    monkeypatch.setattr(data, "CHUNK_BYTES", 4096)
+    caches = [tmp_path / f"w{w}" for w in (1, 2)]
+    preps = [data_prep(folder, c, workers=w, max_pretokens=max_pretokens) for w, c in zip((1, 2), caches)]
+    assert sorted(os.listdir(caches[0])) == sorted(os.listdir(caches[1])) == sorted(
+        ["header.json", "tokenizer.json"] + [f"{s}.{a}.npy" for s in ("train", "valid") for a in data.SPLIT_ARRAYS])
+    for name in os.listdir(caches[0]):
+        assert (caches[0] / name).read_bytes() == (caches[1] / name).read_bytes(), name
+    prep, tok = preps[0], preps[0].tokenizer
+    decoded = sorted(tuple(tok.decode(sp.tokens[sp.sent_starts[s]:sp.sent_starts[s + 1]])
+                           for s in range(sp.doc_starts[d], sp.doc_starts[d + 1]))
+                     for sp in (prep.train, prep.valid) for d in range(sp.num_docs))
+    assert decoded == sorted(tuple(map(tok.normalize, d)) for d in data.read_corpus([folder])[0])
+    found = [doc for chunk in data.corpus_chunks([folder]) for doc in data.chunk_documents(chunk)[0]]
+    train = [s for key, d in found if data.split_score(0, key) >= 1 / 200 for s in d]
+    assert 2 <= len(found) - prep.train.num_docs == prep.valid.num_docs  # the plain 1/200 rule, no fallback
+    assert (tok.merges == data.Tokenizer.train(train, 400).merges) == (max_pretokens > 2000)
+
+
+def test_header_statistics_equal_a_direct_computation(tmp_path, data_corpus_file):
+    prep = data_prep(data_corpus_file, tmp_path / "cache")
+    counts = np.bincount(np.asarray(prep.train.tokens), minlength=prep.tokenizer.vocab_size)[len(data.SPECIALS):]
+    p = counts[counts > 0] / counts.sum()
+    assert prep.unigram_entropy == pytest.approx(-(p * np.log(p)).sum(), rel=1e-12)
+    assert prep.majority_accuracy == pytest.approx(counts.max() / counts.sum(), rel=1e-12)
+    header = json.loads((tmp_path / "cache" / "header.json").read_text())
+    assert header["stats"] == {"unigram_entropy": prep.unigram_entropy, "majority_accuracy": prep.majority_accuracy}
+
+
+def assert_no_usable_cache(cache):
+    assert not (cache / "header.json").exists() and not [f for f in os.listdir(cache) if ".tmp" in f]
+
+
+@pytest.mark.parametrize("bad", ["json", "utf-8"])
+def test_bad_file_deep_in_the_corpus_fails_at_once_with_two_workers(tmp_path, monkeypatch, bad):
+    """A bad line deep in file 9 of 12 stops the build with file and line (or byte offset) as soon as its
+    chunk comes back: the chunks after it are not read, and no cache is left."""
+    lines = [json.dumps({"text": f"Doc {i}. It has two sentences."}) + "\n" for i in range(300)]
+    head, tail = "".join(lines[:250]).encode(), "".join(lines[250:]).encode()
+    for f in range(12):
+        data_write(tmp_path, f"corpus/f{f:02d}.jsonl", head + tail, "wb")
+    if bad == "json":
+        data_write(tmp_path, "corpus/f09.jsonl", head + b'{"text": "x. y."}\n{"text": broken\n' + tail, "wb")
+        match = r"f09\.jsonl:252: expected a JSON object"
+    else:
+        data_write(tmp_path, "corpus/f09.jsonl", head + b'{"text": "\xe9t\xe9. Yes."}\n' + tail, "wb")
+        match = f"f09.jsonl: not valid UTF-8 at byte offset {len(head) + 10}"
+    read, chunks = [], data.corpus_chunks
+    monkeypatch.setattr(data, "CHUNK_BYTES", 1024)
+    monkeypatch.setattr(data, "corpus_chunks", lambda *a: (read.append(c) or c for c in chunks(*a)))
+    with pytest.raises(DataError, match=match):
+        data_prep(str(tmp_path / "corpus"), tmp_path / "cache", workers=2)
+    at = next(i for i, c in enumerate(read) if c.path.endswith("f09.jsonl") and c.offset + len(c.raw) > len(head))
+    assert len(read) <= at + 1 + 2 * 2 + 1 < len(list(chunks([str(tmp_path / "corpus")])))
+    assert_no_usable_cache(tmp_path / "cache")
+
+
+def test_a_worker_that_dies_ends_the_build(tmp_path, monkeypatch, data_corpus_file):
+    folder = data_mixed_corpus(tmp_path)
+    parent, read = os.getpid(), data.chunk_documents
+
+    def die_on_jsonl(chunk, *args):
+        if chunk.path.endswith(".jsonl") and os.getpid() != parent:
+            os._exit(1)  # as the kernel's OOM killer would end it
+        return read(chunk, *args)
+    monkeypatch.setattr(data, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(data, "chunk_documents", die_on_jsonl)
+    with pytest.raises(DataError, match=r"worker process died .* from (\S+) from byte \d+ \(line \d+\) on") as e:
+        data_prep(folder, tmp_path / "cache", workers=2)
+    files = data._corpus_files([folder])  # the chunk named is the oldest in flight: b.jsonl's or one before it
+    assert files.index(e.value.args[0].split(" from ")[1]) <= files.index(os.path.join(folder, "b.jsonl"))
+    assert_no_usable_cache(tmp_path / "cache")
+
+
+def test_interrupted_build_leaves_no_usable_cache(tmp_path, monkeypatch, data_corpus_file):
+    cache = tmp_path / "cache"
+    first = data_prep(data_corpus_file, cache)
+    encode = data.tokenize_documents
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "tokenize_documents", interrupt)  # Ctrl-C in pass 2
+    with pytest.raises(KeyboardInterrupt):
+        data_prep(data_corpus_file, cache, seed=1, workers=1)
+    assert_no_usable_cache(cache)
+    monkeypatch.setattr(data, "tokenize_documents", encode)
+    (cache / "train.tokens.npy.tmp99999").write_bytes(b"left by a killed build")
+    again = data_prep(data_corpus_file, cache)
+    assert not again.reused and np.array_equal(again.train.tokens, first.train.tokens)
+    assert not (cache / "train.tokens.npy.tmp99999").exists()
+
+
+SLOW_BUILD_LAUNCHER = """
+import datetime, sys, time
+sys.path.insert(0, {here!r})
+import torch.distributed as dist
+import data, train
+join = dist.init_process_group
+dist.init_process_group = lambda *a, **k: join(*a, **k, timeout=datetime.timedelta(seconds=4))
+build = data._build_cache
+def slow_build(*args):
+    time.sleep(8)  # twice the timeout: a rank waiting in a collective would fail
+    return build(*args)
+data._build_cache = slow_build
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_waits_for_a_build_longer_than_the_process_group_timeout(tmp_path):
+    """2 gloo ranks with a 4 s process-group timeout; rank 0 builds the cache for 8+ s while rank 1 waits on
+    the file system; training runs. A build that fails ends both ranks at once."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    launcher = tmp_path / "slow_build.py"
+    launcher.write_text(SLOW_BUILD_LAUNCHER.format(here=here))
+
+    def torchrun(name, *args):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(launcher), *TINY_RUN, "--method", "baseline", "--steps", "3", "--cache-dir", str(tmp_path / f"{name}-cache"),
+                               "--out", str(tmp_path / name), *args], cwd=here, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    bad = data_write(tmp_path, "bad.jsonl", '{"text": "ok. ok."}\n{"text": broken\n')
+    run = torchrun("bad", "--corpus", bad)
+    output = run.stdout + run.stderr  # rank 0 says why; rank 1 ends too, not by the process group's timeout
+    assert run.returncode != 0 and "error: " + bad + ":2" in output and "Timed out" not in output, output[-3000:]
+    run = torchrun("ddp")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert sorted(train_losses(tmp_path / "ddp")) == [1, 2, 3]
 
 
 # ---------------------------------------------------------------------------------------------------

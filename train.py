@@ -38,7 +38,6 @@ try:
 except ImportError:
     fcntl = None
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -73,6 +72,7 @@ class TrainConfig:
     micro_batch: int = 0  # examples per forward/backward on one rank; 0 = batch_size / world size
     data_seed: int = 0  # seed of corpus split, pairs and masks
     decode_errors: str = "strict"  # non-UTF-8 corpus bytes: "strict" stops naming file and offset, "replace" -> U+FFFD
+    workers: int = 0  # processes that build the token cache (0 = every core this process may use)
     # optimizer
     optimizer: str = "adam"  # adam (AdamW, decoupled decay) | lamb
     lr: float = 2e-3  # peak learning rate
@@ -104,7 +104,7 @@ class TrainConfig:
 # --dtype and --micro-batch may change so a run can move to another machine or number of GPUs; the resumed
 # losses are then equal only up to rounding (exactly equal for the same world size, micro-batch and dtype).
 RESUMABLE_CHANGES = {"out", "device", "dtype", "micro_batch", "compile", "compile_backend", "log_every", "eval_every",
-                     "save_every", "resume", "overwrite", "stop_after", "cache_dir", "corpus"}
+                     "save_every", "resume", "overwrite", "stop_after", "cache_dir", "corpus", "workers"}
 # Fields that concern one invocation or machine only: --resume never takes them from the checkpoint.
 INVOCATION_ONLY = {"out", "resume", "overwrite", "stop_after", "device"}
 
@@ -954,11 +954,9 @@ class Trainer:
 
 
 def reference_line(prepared) -> str:
-    """What a model that ignores context scores, to read the losses against."""
-    tokens = prepared.train.tokens
-    counts = np.bincount(tokens, minlength=prepared.tokenizer.vocab_size)[len(data.SPECIALS):]
+    """What a model that ignores context scores, to read the losses against (computed when the cache was built)."""
     return (f"reference: unigram entropy {prepared.unigram_entropy:.3f} nats (MLM loss ignoring context); "
-            f"guessing the most frequent token gives MLM accuracy {counts.max() / counts.sum():.3f}; NSP chance 0.693 / 0.5")
+            f"guessing the most frequent token gives MLM accuracy {prepared.majority_accuracy:.3f}; NSP chance 0.693 / 0.5")
 
 
 def make_schedule(cfg: TrainConfig):
@@ -970,15 +968,48 @@ def make_schedule(cfg: TrainConfig):
 
 
 def prepare_data(cfg: TrainConfig, d: Dist):
-    """Tokenize once on rank 0 (cached), then every rank memory-maps the same arrays."""
+    """Tokenize once on rank 0 (cached), then every rank memory-maps the same arrays.
+
+    The other ranks wait on the file system, not in a collective: building a large corpus's cache takes
+    longer than a process group's timeout (NCCL's default: 10 minutes). Rank 0 writes
+    <cache_dir>/build-status.json when it is done or has failed, and a failure ends every rank with its error."""
     dcfg = data.DataConfig(corpus=list(cfg.corpus), cache_dir=cfg.cache_dir, vocab_size=cfg.vocab_size,
-                           seed=cfg.data_seed, seq_len=cfg.seq_len, decode_errors=cfg.decode_errors)
-    if d.world > 1 and not d.master:
-        dist.barrier()
-    prepared = data.prepare(dcfg, progress=print if d.master else (lambda *a, **k: None))
-    if d.world > 1 and d.master:
-        dist.barrier()
+                           seed=cfg.data_seed, seq_len=cfg.seq_len, decode_errors=cfg.decode_errors,
+                           workers=cfg.workers)
+    status = os.path.join(cfg.cache_dir, "build-status.json")
+    if d.world > 1:
+        if d.master:
+            os.makedirs(cfg.cache_dir, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(status)
+        dist.barrier()  # quick: every rank has just joined; from here on a status file is this run's
+        if not d.master:
+            return wait_for_cache(status, cfg.cache_dir)
+    try:
+        prepared = data.prepare(dcfg, progress=print)
+    except BaseException as e:  # main() reports it; the other ranks read it and end too
+        if d.world > 1:
+            bad_input = isinstance(e, data.DataError)
+            write_status(status, str(e) if bad_input else f"rank 0 stopped building the token cache ({type(e).__name__})")
+        raise
+    if d.world > 1:
+        write_status(status, None)
     return prepared
+
+
+def write_status(path: str, error: Optional[str]):
+    bert.atomic_write(path, lambda f: f.write(json.dumps({"error": error}).encode()))
+
+
+def wait_for_cache(status: str, cache_dir: str, poll: float = 0.5) -> data.Prepared:
+    """The cache rank 0 builds, once its status file says it is done; its error if it failed."""
+    while not os.path.exists(status):
+        time.sleep(poll)
+    with open(status) as f:
+        error = json.load(f)["error"]
+    if error:
+        raise data.DataError(error)
+    return data.open_cache(cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1046,6 +1077,8 @@ def parse_args(argv=None) -> tuple:
     g.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of split, pairs and masks")
     g.add_argument("--decode-errors", default=d.decode_errors, choices=["strict", "replace"],
                    help="non-UTF-8 bytes in the corpus: 'strict' stops naming file and offset, 'replace' reads U+FFFD")
+    g.add_argument("--workers", type=int, default=d.workers,
+                   help="processes that build the token cache (0 = every core); any number gives the same cache")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default=d.optimizer, choices=["adam", "lamb"], help="AdamW or LAMB")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
@@ -1130,7 +1163,8 @@ def flag_errors(cfg: TrainConfig) -> list:
              ("eval_every", cfg.eval_every >= 1, "positive"), ("eval_batches", cfg.eval_batches >= 1, "positive"),
              ("save_every", cfg.save_every >= 1, "positive"),
              ("stop_after", cfg.stop_after >= 0, "0 (never) or positive"),
-             ("decode_errors", cfg.decode_errors in ("strict", "replace"), "strict or replace")]
+             ("decode_errors", cfg.decode_errors in ("strict", "replace"), "strict or replace"),
+             ("workers", cfg.workers >= 0, "0 (every core) or positive")]
     return [f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {need}" for name, ok, need in rules if not ok]
 
 

@@ -80,6 +80,7 @@ def parse_args(argv=None):
     # data (the same for every run)
     p.add_argument("--corpus", nargs="*", default=DEFAULT_CORPUS, help="text files/folders (default: gutenberg, brown/brown.txt and wikitext-2-raw of ../shared/data)")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary")
+    p.add_argument("--workers", type=int, default=0, help="processes that build the token cache (0 = every core)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per example")
     p.add_argument("--batch-size", type=int, default=32, help="global batch in examples")
     # model and optimisation (the same for every run)
@@ -113,7 +114,7 @@ def train_args(a, name: str, flags: list) -> list:
             "--vocab-size", str(a.vocab_size), "--warmup", str(a.warmup), "--seed", str(a.seed),
             "--data-seed", str(a.seed), "--eval-every", str(a.eval_every), "--eval-batches", str(a.eval_batches),
             "--save-every", str(a.eval_every * 4), "--log-every", str(max(1, a.eval_every // 2)),
-            "--cache-dir", os.path.join(a.out, "cache"), "--out", os.path.join(a.out, name)]
+            "--cache-dir", os.path.join(a.out, "cache"), "--workers", str(a.workers), "--out", os.path.join(a.out, name)]
     if a.corpus:
         args += ["--corpus", *a.corpus]
     return args + flags + a.extra.split()
@@ -315,7 +316,7 @@ def unigram_plateau(a) -> float:
     under the training split's unigram distribution (add-0.5 smoothed). The plateau that BERT training
     sits on before it starts to use context."""
     cfg = data.DataConfig(corpus=list(a.corpus), cache_dir=os.path.join(a.out, "cache"), vocab_size=a.vocab_size,
-                          seed=a.seed, seq_len=a.seq_len)
+                          seed=a.seed, seq_len=a.seq_len, workers=a.workers)
     prepared = data.prepare(cfg, progress=lambda *x, **k: None)
     n_special, V = len(data.SPECIALS), prepared.tokenizer.vocab_size
     train = np.bincount(prepared.train.tokens, minlength=V)[n_special:] + 0.5
