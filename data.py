@@ -1267,6 +1267,8 @@ if __name__ == "__main__":
         prep = prepare(cfg)
     except DataError as e:
         raise SystemExit(f"error: {e}")
+    except OSError as e:  # e.g. an --out that cannot be written
+        raise SystemExit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
     print(f"report: {json.dumps(prep.report)}")
     for name, split in (("train", prep.train), ("valid", prep.valid)):
         print(f"{name}: {split.num_docs:,} docs, {split.num_sentences:,} sentences, {split.num_tokens:,} tokens")
