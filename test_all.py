@@ -1979,10 +1979,11 @@ def test_gpu_check_runs_every_section_at_toy_sizes():
     run = subprocess.run([sys.executable, "experiments/gpu_check.py", "--device", "cpu", "--quick"], cwd=here,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     report = run.stdout
-    assert run.returncode == 0 and "9 of 9 sections ok" in report, report[-3000:] + run.stderr[-3000:]
-    assert report.startswith("# GPU check (quick, cpu)") and report.count("\n## ") == 9
+    assert run.returncode == 0 and "10 of 10 sections ok" in report, report[-3000:] + run.stderr[-3000:]
+    assert report.startswith("# GPU check (quick, cpu)") and report.count("\n## ") == 10
     assert "from the uninterrupted run is 0.00e+00" in report
     assert "| 12x256 | bf16 | 2x32 |" in report and "| MSLT stage 5 (retrain) |" in report
+    assert "| mslt (lamb) | 12L, top 3 trainable |" in report  # the cost model's stage costs from this device
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -250,36 +250,43 @@ class PhaseTimer:
     """One model, a fixed batch and one optimizer per name (train.build_optimizer, so AdamW and LAMB are
     exactly the training loop's); `time_round` times forward, backward and clip + step of each optimizer."""
 
-    def __init__(self, c: bert.BertConfig, n_layer: int, top: Optional[int], batch: dict, optimizers: tuple[str, ...], dtype: str):
+    def __init__(self, c: bert.BertConfig, n_layer: int, top: Optional[int], batch: dict, optimizers: tuple[str, ...],
+                 dtype: str, device: torch.device):
         torch.manual_seed(0)
-        self.n_layer, self.top, self.batch, self.dtype = n_layer, top, batch, dtype
-        self.model = stack.set_trainable(bert.Bert(replace(c, n_layer=n_layer)), top).train()
+        self.n_layer, self.top, self.batch, self.dtype, self.device = n_layer, top, batch, dtype, device
+        self.model = stack.set_trainable(bert.Bert(replace(c, n_layer=n_layer)), top).to(device).train()
         self.opts = {name: train.build_optimizer(self.model, train.TrainConfig(optimizer=name)) for name in optimizers}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
+    def clock(self) -> float:
+        """Seconds now, once the device has finished its queue (a GPU runs ahead of the host)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def time_round(self) -> dict:
-        t0 = time.perf_counter()
-        with autocast(torch.device("cpu"), self.dtype):
+        t0 = self.clock()
+        with autocast(self.device, self.dtype):
             loss = self.model(**self.batch).loss
-        t1 = time.perf_counter()
+        t1 = self.clock()
         loss.backward()
-        t2 = time.perf_counter()
+        t2 = self.clock()
         opt_s = {}
         for name, opt in self.opts.items():  # each optimizer steps on the same gradients
-            t = time.perf_counter()
+            t = self.clock()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             opt.step()
-            opt_s[name] = time.perf_counter() - t
+            opt_s[name] = self.clock() - t
         self.model.zero_grad(set_to_none=True)
         return {"forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": opt_s}
 
 
 def measure(c: bert.BertConfig, preset: str, configs, batch: int, seq: int, repeats: int, optimizers: tuple[str, ...],
-            dtype: str) -> dict:
-    """Stage-cost JSON of `configs` on this CPU: round-robin rounds after one warm-up step each, the median
-    of each phase over rounds (noise from a shared machine hits every configuration alike)."""
-    b = make_batch(c, batch, seq, torch.device("cpu"))
-    timers = [PhaseTimer(c, n, top, b, optimizers, dtype) for n, top in configs]
+            dtype: str, device: torch.device) -> dict:
+    """Stage-cost JSON of `configs` on this CPU or GPU: round-robin rounds after one warm-up step each, the
+    median of each phase over rounds (noise from a shared machine hits every configuration alike)."""
+    b = make_batch(c, batch, seq, device)
+    timers = [PhaseTimer(c, n, top, b, optimizers, dtype, device) for n, top in configs]
     for t in timers:
         t.time_round()
     rounds = [[] for _ in timers]
@@ -288,13 +295,17 @@ def measure(c: bert.BertConfig, preset: str, configs, batch: int, seq: int, repe
             rounds[i].append(t.time_round())
         print(f"round {r + 1}/{repeats}, forward + backward s: " + " ".join(
             f"{rs[-1]['forward_s'] + rs[-1]['backward_s']:.2f}" for rs in rounds), flush=True)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    if device.type == "cuda":
+        where = f"cuda ({torch.cuda.get_device_name(device)})"
+    else:
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+        where = f"cpu ({cpu}, {torch.get_num_threads()} threads)"
     records = [{"n_layer": t.n_layer, "trainable_top": t.top, "group_size": 1,
                 "forward_s": round(statistics.median(x["forward_s"] for x in rs), 6),
                 "backward_s": round(statistics.median(x["backward_s"] for x in rs), 6),
                 "optimizer_s": {o: round(statistics.median(x["optimizer_s"][o] for x in rs), 6) for o in optimizers}}
                for t, rs in zip(timers, rounds)]
-    return {"device": f"cpu ({cpu}, {torch.get_num_threads()} threads), torch {torch.__version__}, {dtype}",
+    return {"device": f"{where}, torch {torch.__version__}, {dtype}",
             "preset": preset, "vocab_size": c.vocab_size, "pre_norm": c.pre_norm, "batch": batch, "seq": seq,
             "repeats": repeats, "records": records}
 
@@ -516,13 +527,14 @@ def main():
     # calibration
     p.add_argument("--costs", default=os.path.join(ROOT, "experiments", "results", "cost_cpu.json"),
                    help="stage-cost JSON to calibrate on (format in the module docstring)")
-    p.add_argument("--measure", default="", metavar="PATH", help="first time --configs on this CPU and write PATH, then calibrate on it")
+    p.add_argument("--measure", default="", metavar="PATH", help="first time --configs on --device and write PATH, then calibrate on it")
     p.add_argument("--configs", default=CALIBRATION, help="depth[:trainable top] configurations that --measure times")
     p.add_argument("--preset", default="cpu-12x128", help="model --measure times (the CPU comparison's)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the timed model (the comparison's)")
     p.add_argument("--batch", type=int, default=32, help="sequences per timed step (the comparison's)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (the comparison's)")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="autocast dtype of the timed steps (the comparison's)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where --measure times (cuda: one GPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the timed steps (the comparison: one per run)")
     p.add_argument("--repeats", type=int, default=7, help="round-robin rounds of --measure (median of each phase)")
     p.add_argument("--results", default=RESULTS, help="the CPU comparison's results.json (wall time of each run)")
@@ -545,6 +557,8 @@ def main():
         p.error("sizes and hardware figures must be positive")
     if args.mfu is not None and args.mfu > 1:
         p.error(f"--mfu {args.mfu}: a fraction of the peak, at most 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU is visible")
     if args.preset not in bert.PRESETS:
         p.error(f"--preset {args.preset}: choose from {', '.join(bert.PRESETS)}")
     try:
@@ -555,7 +569,8 @@ def main():
     if args.measure:
         torch.set_num_threads(args.threads)
         c = bert.preset(args.preset, vocab_size=args.vocab_size, pre_norm=True)
-        costs = measure(c, args.preset, configs, args.batch, args.seq, args.repeats, OPTIMIZERS, args.dtype)
+        costs = measure(c, args.preset, configs, args.batch, args.seq, args.repeats, OPTIMIZERS, args.dtype,
+                        torch.device(args.device))
         os.makedirs(os.path.dirname(os.path.abspath(args.measure)), exist_ok=True)
         bert.atomic_write(args.measure, lambda f: f.write(json.dumps(costs, indent=1).encode()))
         print(f"wrote {args.measure}")

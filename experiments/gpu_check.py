@@ -11,7 +11,9 @@ On one GPU (about 8 minutes on an H100) it reports, each section timed and indep
 7. BERT-Base seq 128 bf16 training throughput against HuggingFace, MFU on useful FLOPs, peak memory
    (experiments/bench_bert.py);
 8. the MSLT stage costs at BERT-Base (experiments/bench_mslt.py);
-9. eager against --compile (train.py, BERT-Base): tokens/s and compile time.
+9. unit costs for experiments/cost_model.py (forward, backward, optimizer per layer at BERT-Base), with each
+   method's stage costs predicted from them; the stage-cost JSON is kept in runs/gpu_check/;
+10. eager against --compile (train.py, BERT-Base): tokens/s and compile time.
 
     python experiments/gpu_check.py                          # on a CUDA machine: the report on stdout
     python experiments/gpu_check.py --device cpu --quick     # the same checks at toy sizes on a CPU, < 5 minutes
@@ -45,6 +47,7 @@ FULL = dict(
          "--k", "4", "--warmup", "10", "--eval-every", "50", "--eval-batches", "4", "--log-every", "10"],
     bench_bert=["--shapes", "base", "--dtypes", "bf16", "--batch", "128", "--steps", "10", "--repeats", "3", "--warmup", "3"],
     bench_mslt=["--shapes", "base", "--dtype", "bf16", "--batch", "128", "--repeats", "3", "--warmup", "2"],
+    cost_model=["--preset", "bert-base", "--vocab-size", "30522", "--batch", "128", "--seq", "128", "--repeats", "3"],
     compile=["--preset", "bert-base", "--method", "baseline", "--seq-len", "128", "--batch-size", "64", "--steps", "60",
              "--warmup", "10", "--eval-every", "1000", "--eval-batches", "2", "--log-every", "10"],
 )
@@ -54,6 +57,7 @@ QUICK = dict(
     bench_bert=["--shapes", "12x256", "--dtypes", "bf16", "--batch", "2", "--seq", "32", "--steps", "1", "--repeats", "1",
                 "--warmup", "1", "--peak-n", "512"],
     bench_mslt=["--shapes", "12x256", "--batch", "2", "--seq", "32", "--repeats", "1", "--warmup", "0"],
+    cost_model=["--preset", "tiny", "--vocab-size", "2000", "--batch", "2", "--seq", "32", "--repeats", "1"],
     compile=["--preset", "tiny", "--method", "baseline", "--seq-len", "32", "--batch-size", "8", "--steps", "6",
              "--warmup", "2", "--eval-every", "1000", "--eval-batches", "2", "--log-every", "2"],
 )
@@ -210,6 +214,20 @@ def mslt_costs(sizes: dict, device: torch.device) -> str:
             + f"\n\nTarget: a stage with the top 3 of 12 layers trainable (stage 4) <= 0.5x a full step (here {ratio}x).")
 
 
+def unit_costs(sizes: dict, work: str, keep_dir: str, device: torch.device) -> str:
+    """Forward, backward and optimizer time per layer on this device, fitted by cost_model.py, which then
+    predicts each method's stage costs here; the stage-cost JSON is kept in `keep_dir` for later use."""
+    keep = os.path.join(keep_dir, f"cost_{device.type}.json")
+    keep = os.path.relpath(keep, ROOT) if keep.startswith(ROOT) else keep
+    argv = ["experiments/cost_model.py", "--measure", keep, "--device", device.type, *sizes["cost_model"],
+            "--out", os.path.join(work, "cost_model")]
+    out = run_command(argv)
+    calibration = out.split("## Predictions")[0].split("## Calibration on measured stage costs")[-1].strip()
+    return (f"`python {' '.join(argv)}` (its stage costs: `{keep}`; `cost_model.py --costs "
+            f"FILE` predicts from them again). Its `logged` column is the CPU comparison's: on another device a\n"
+            f"difference there is the device's, not the model's error.\n\n{calibration}")
+
+
 def eager_vs_compile(sizes: dict, work: str, device: torch.device, backend: str) -> str:
     base = sizes["compile"] + DATA + ["--device", device.type, "--dropout", "0", "--cache-dir", os.path.join(work, "cache")]
     rows = []
@@ -239,6 +257,7 @@ def main():
     sizes = QUICK if args.quick else FULL
     backend = "eager" if args.quick and device.type == "cpu" else "inductor"
     work = tempfile.mkdtemp(prefix="gpu_check_")
+    keep_dir = work if args.quick else os.path.join(ROOT, "runs", "gpu_check")  # the full check's cost JSON stays
     state = {}
 
     def run_and_keep():
@@ -254,6 +273,7 @@ def main():
         ("No host-device synchronisation in a training step", lambda: no_sync_step(sizes, work, device)),
         ("BERT-Base seq 128 bf16 throughput against HuggingFace", lambda: throughput(sizes, device)),
         ("MSLT stage costs", lambda: mslt_costs(sizes, device)),
+        ("Unit costs for the cost model", lambda: unit_costs(sizes, work, keep_dir, device)),
         ("Eager against --compile", lambda: eager_vs_compile(sizes, work, device, backend)),
     ]
     # Each section is printed as it ends, so that a run cut short by a time limit still leaves its report.
