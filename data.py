@@ -47,12 +47,11 @@ import numpy as np
 import regex
 import torch
 
-from bert import atomic_write
+from bert import IGNORE, atomic_write
 
-PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4  # special ids, fixed by bert.py
+PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4  # special ids: [PAD] = 0 as in HuggingFace's BERT (bert.HF_PAD)
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 N_BASE = len(SPECIALS) + 256  # specials, then one token per byte value; merges start here
-IGNORE = -100  # MLM label of a position that is not predicted (HuggingFace's convention)
 
 
 class DataError(ValueError):

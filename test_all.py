@@ -1909,7 +1909,7 @@ def test_compile_trains_like_eager_and_compiles_once_per_stage(tmp_path, run_cac
             assert sorted(eager) == sorted(compiled)
             assert all(compiled[s] == pytest.approx(eager[s], rel=1e-4) for s in eager), (eager, compiled)
             records = train.read_log(str(tmp_path / f"{name}-compiled"))
-            starts = [0] + train.make_schedule(train.parse_args(args)[0]).switch_steps
+            starts = [0] + train.run_schedule(train.parse_args(args)[0]).switch_steps
             assert [r["step"] for r in records if "compile_s" in r] == starts
     finally:
         logging.getLogger("torch._dynamo").removeHandler(handler)

@@ -646,7 +646,7 @@ class Trainer:
         self.device = torch.device(cfg.device)
         self.out = cfg.out
         self.log_path = os.path.join(self.out, "log.jsonl")
-        self.schedule = make_schedule(cfg)
+        self.schedule = run_schedule(cfg)
         self.prepared = prepare_data(cfg, d)
         tok = self.prepared.tokenizer
         if tok.vocab_size < cfg.vocab_size:
@@ -959,7 +959,7 @@ def reference_line(prepared) -> str:
             f"guessing the most frequent token gives MLM accuracy {prepared.majority_accuracy:.3f}; NSP chance 0.693 / 0.5")
 
 
-def make_schedule(cfg: TrainConfig):
+def run_schedule(cfg: TrainConfig):
     """The run's schedule from --method (paper proportions) or an explicit --schedule."""
     depth = bert.PRESETS[cfg.preset].n_layer
     if cfg.schedule:
@@ -1132,7 +1132,7 @@ def finish_config(cfg: TrainConfig, world: int) -> TrainConfig:
     if errors:
         raise SystemExit("error: " + "\n       ".join(errors))
     try:
-        schedule = make_schedule(cfg)  # validates itself
+        schedule = run_schedule(cfg)  # validates itself
     except ValueError as e:
         raise SystemExit(f"error: --method/--schedule/--steps/--k: {e}")
     depth = bert.PRESETS[cfg.preset].n_layer
