@@ -469,11 +469,16 @@ def load_hf(directory: str) -> Bert:
     return model
 
 
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a shared block is counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 def describe(model: Bert) -> str:
     """One line: layout, depth, width and parameter counts (shared blocks counted once)."""
     c = model.config
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, total = count_parameters(model)
     layout = "pre-LN" if c.pre_norm else "post-LN"
     share = f", {c.n_layer // c.group_size} shared groups" if c.group_size > 1 else ""
     return (f"{layout} BERT {c.n_layer} layers x {c.d_model} hidden ({c.n_head} heads, FFN {c.d_ff}{share}): "

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bert
 from data import DataError, Tokenizer, truncate_lengths
 from train import (Dist, adamw, all_reduce_mean, autocast, default_dtype, fmt_time, locked_folder, param_groups,
-                   setup_distributed, unreadable, use_tf32)
+                   print0, setup_distributed, unreadable, use_tf32)
 
 DEFAULT_GLUE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "glue")
 
@@ -543,11 +543,6 @@ def finetune(task: Task, backbone: Backbone, encoded: dict, lr: float, seed: int
 
 # ---------------------------------------------------------------------------------------------------------
 # Grid search with resume, selection on dev, submissions, tables.
-
-
-def print0(ranks: Dist, *args):
-    if ranks.master:
-        print(*args, flush=True)
 
 
 def atomic_write(path: str, text: str):

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from bert import Bert, BertConfig, Block, init_weights
+from bert import Bert, BertConfig, Block, count_parameters, init_weights
 
 # ---------------------------------------------------------------------------------------------------------
 # Growth operators: each takes a model and returns a new, fully trainable one; the input is not modified.
@@ -167,12 +167,6 @@ def set_trainable(model: Bert, trainable_top: Optional[int]) -> Bert:
         module.requires_grad_(True)
     model.mlm_bias.requires_grad_(True)
     return model
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a shared block is counted once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def trainable_summary(model: Bert) -> str:

@@ -139,6 +139,12 @@ def setup_distributed(device: str) -> Dist:
     return d
 
 
+def print0(d: Dist, *args):
+    """print on rank 0 only: every rank computes the same numbers, one says them."""
+    if d.master:
+        print(*args, flush=True)
+
+
 def all_reduce_mean_(t: torch.Tensor, d: Dist) -> torch.Tensor:
     """Average a tensor over ranks in place, queued on its device without waiting for it (NCCL: a CUDA tensor)."""
     if d.world > 1:
@@ -857,12 +863,11 @@ class Trainer:
         return dict(val_loss=loss, val_mlm_loss=mlm, val_nsp_loss=nsp, val_mlm_acc=mlm_acc, val_nsp_acc=nsp_acc)
 
     def print(self, *args):
-        if self.d.master:
-            print(*args, flush=True)
+        print0(self.d, *args)
 
     def progress_line(self, r: dict, tok_per_s: float, eta: float) -> str:
         n_stage = len(self.schedule.stages)
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        trainable = bert.count_parameters(self.model)[0]
         return (f"step {self.step:>6}/{self.cfg.steps} | stage {self.stage + 1}/{n_stage} {self.model.config.n_layer:>2}L "
                 f"{trainable / 1e6:.2f}M trainable | loss {r['loss']:.3f} (mlm {r['mlm_loss']:.3f} acc {r['mlm_acc']:.3f}, "
                 f"nsp acc {r['nsp_acc']:.3f}) | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.2f} | "
