@@ -37,8 +37,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bert
 from data import DataError, Tokenizer, truncate_lengths
-from train import (Dist, adamw, all_reduce_mean, autocast, default_dtype, fmt_time, locked_folder, param_groups,
-                   print0, setup_distributed, unreadable, use_tf32)
+from train import (Dist, adamw, all_reduce_mean, autocast, default_dtype, first_line, fmt_time, launch_rank,
+                   locked_folder, param_groups, print0, setup_distributed, unreadable, use_tf32)
 
 DEFAULT_GLUE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "glue")
 
@@ -380,7 +380,7 @@ def backbone_parts(path: str, ckpt) -> tuple:
         config = bert.BertConfig(**ckpt["config"])
         result = bert.Bert(config).load_state_dict(ckpt["model"], strict=False)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise GlueError(f"{path}: weights do not fit its config ({str(e).strip().splitlines()[0]})") from None
+        raise GlueError(f"{path}: weights do not fit its config ({first_line(e)})") from None
     if result.missing_keys or result.unexpected_keys:
         raise GlueError(f"{path}: weights do not fit its config; missing {result.missing_keys[:5]}, "
                         f"unexpected {result.unexpected_keys[:5]}")
@@ -744,7 +744,7 @@ def main(argv=None) -> int:
             raise GlueError(f"--checkpoint: several checkpoints would share one results folder ({', '.join(outs)}); "
                             f"fine-tune them one at a time, each with its own --out")
         with contextlib.ExitStack() as locks:
-            if int(os.environ.get("RANK", "0")) == 0:  # one process writes each results folder
+            if launch_rank() == 0:  # one process writes each results folder
                 for out in outs:
                     locks.enter_context(locked_folder(out))
             return finetune_all(a, tasks, cfg, outs)
@@ -752,7 +752,7 @@ def main(argv=None) -> int:
         if isinstance(e, SystemExit) and not isinstance(e.code, str):
             raise
         message = e.code if isinstance(e, SystemExit) else f"error: {e}"
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launch_rank() == 0:
             print(message, file=sys.stderr)
         return 2
 

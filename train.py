@@ -125,6 +125,11 @@ class Dist:
         return self.rank == 0
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 when not launched by torchrun), known before any process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup_distributed(device: str) -> Dist:
     """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     if "RANK" not in os.environ:
@@ -1194,12 +1199,11 @@ def main(argv=None) -> int:
             raise
         message = e.code
     except Exception as e:
-        rank = int(os.environ.get("RANK", "0"))
-        if rank == 0:
+        if launch_rank() == 0:
             raise
         # Another rank's failure closes the connections this rank's collectives use: say so in one line.
-        raise SystemExit(f"error: rank {rank} stopped: {type(e).__name__}: {first_line(e)}")
-    raise SystemExit(message if int(os.environ.get("RANK", "0")) == 0 else 1)
+        raise SystemExit(f"error: rank {launch_rank()} stopped: {type(e).__name__}: {first_line(e)}")
+    raise SystemExit(message if launch_rank() == 0 else 1)
 
 
 def run_training(argv=None) -> int:
@@ -1211,8 +1215,7 @@ def run_training(argv=None) -> int:
         plot_runs(plot, os.path.join(cfg.out or ".", "val_loss.svg"))
         return 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    with locked_folder(run_dir(cfg)) if rank0 else contextlib.nullcontext():  # before anything is read there
+    with locked_folder(run_dir(cfg)) if launch_rank() == 0 else contextlib.nullcontext():  # before anything is read there
         cfg = finish_config(resumed_config(cfg, given), world)
         check_run_folder(cfg)
         d = setup_distributed(cfg.device)

@@ -319,8 +319,8 @@ def unigram_plateau(a) -> float:
                           seed=a.seed, seq_len=a.seq_len, workers=a.workers)
     prepared = data.prepare(cfg, progress=lambda *x, **k: None)
     n_special, V = len(data.SPECIALS), prepared.tokenizer.vocab_size
-    train = np.bincount(prepared.train.tokens, minlength=V)[n_special:] + 0.5
-    valid = np.bincount(prepared.valid.tokens, minlength=V)[n_special:]
+    train = data.token_counts(prepared.train.tokens, V)[n_special:] + 0.5  # in chunks: never all tokens as int64
+    valid = data.token_counts(prepared.valid.tokens, V)[n_special:]
     return float(-(valid * np.log(train / train.sum())).sum() / valid.sum())
 
 

@@ -189,13 +189,18 @@ def _phase(record: dict, phase: str, optimizer: str) -> float:
     return value[optimizer] if phase == "optimizer_s" else value
 
 
-def load_costs(path: str) -> dict:
-    """A stage-cost JSON file, checked enough that a wrong file fails with the field it lacks."""
+def read_json(path: str, what: str):
+    """The JSON in `path`; one line naming the file and `what` it should hold when it cannot be read."""
     try:
         with open(path) as f:
-            costs = json.load(f)
+            return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: {path}: cannot read stage costs ({e})")
+        raise SystemExit(f"error: {path}: cannot read {what} ({e})")
+
+
+def load_costs(path: str) -> dict:
+    """A stage-cost JSON file, checked enough that a wrong file fails with the field it lacks."""
+    costs = read_json(path, "stage costs")
     for key in ("preset", "vocab_size", "pre_norm", "batch", "seq", "records"):
         if key not in costs:
             raise SystemExit(f"error: {path}: no {key!r} field (see the format in experiments/cost_model.py)")
@@ -211,11 +216,7 @@ def load_costs(path: str) -> dict:
 
 def load_results(path: str) -> dict:
     """The CPU comparison's results.json (experiments/compare.py): its settings and each run's wall time."""
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: {path}: cannot read the comparison's results ({e})")
+    results = read_json(path, "the comparison's results")
     if not {"args", "results"} <= set(results) or "baseline" not in results["results"]:
         raise SystemExit(f"error: {path}: not a compare.py results.json with a baseline run")
     return results
