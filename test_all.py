@@ -1990,7 +1990,7 @@ def test_gpu_check_runs_every_section_at_toy_sizes():
 def test_cuda_training_step_never_waits_for_the_device(tmp_path, run_cache):
     """A whole training step (batches, forward, backward, clipping, LAMB) under sync debug mode "error":
     any host-device synchronisation raises."""
-    t = started_trainer(["--steps", "4", "--micro-batch", "4", "--optimizer", "lamb", "--device", "cuda",
+    t = started_trainer(["--steps", "6", "--micro-batch", "4", "--optimizer", "lamb", "--device", "cuda",
                          "--cache-dir", run_cache, "--out", str(tmp_path)])
     t.train_step()  # the first step allocates optimizer state
     t.step += 1

@@ -22,6 +22,7 @@ one rule for both, the MFU ratio equals the throughput ratio.
     python experiments/bench_bert.py                                   # both shapes, fp32 and bf16, CPU
     python experiments/bench_bert.py --shapes 12x256 --dtypes fp32 --repeats 3
     python experiments/bench_bert.py --device cuda --batch 128,64 --steps 10
+    python experiments/bench_bert.py --device cuda --shapes base --dtypes bf16 --batch 128 --compile
 """
 
 import argparse
@@ -169,6 +170,8 @@ def main():
     p.add_argument("--repeats", type=int, default=7, help="round-robin rounds; every configuration is timed once per round")
     p.add_argument("--adamw", default="fused", choices=["fused", "foreach", "for-loop"],
                    help="AdamW kernel, the same for both models (fused: one kernel per step, the fastest on CPU and CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (the warm-up steps absorb the compile time)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --compile (eager: a quick CPU check)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--peak-n", type=int, default=None, help="matrix size for the matmul peak (default: 2048 on CPU, 8192 on CUDA)")
     args = p.parse_args()
@@ -199,9 +202,14 @@ def main():
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
     print(f"device {args.device} ({where}); torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"seq {args.seq}, steps {steps} x repeats {args.repeats}, warmup {args.warmup}, "
-          f"batch {dict(zip(shapes, batches))}, AdamW {args.adamw}")
+          f"batch {dict(zip(shapes, batches))}, AdamW {args.adamw}, "
+          + (f"compiled ({args.compile_backend})" if args.compile else "eager"))
 
     pairs = {s: build_pair(s, bs, args.seq, device, args.adamw) for s, bs in zip(shapes, batches)}
+    if args.compile:
+        for pair in pairs.values():
+            for impl in ("ours", "hf"):
+                pair[impl].model = torch.compile(pair[impl].model, backend=args.compile_backend)
     configs = [(s, d) for s in shapes for d in dtypes]
     for s, d in configs:
         for impl in ("ours", "hf"):
