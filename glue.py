@@ -227,14 +227,9 @@ def pearson(x, y) -> float:
 
 def rankdata(x) -> np.ndarray:
     """1-based ranks, tied values get the mean of the ranks they span: [10, 20, 20, 30] -> [1, 2.5, 2.5, 4]."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # first sorted position of each run of ties
-    ends = np.r_[starts[1:], len(x)]
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat((starts + 1 + ends) / 2, ends - starts)  # mean of ranks starts+1 .. ends
-    return ranks
+    _, value_of, counts = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # the distinct values, sorted, take ranks last - count + 1 .. last
+    return ((last - counts + 1 + last) / 2)[value_of]
 
 
 def spearman(x, y) -> float:
