@@ -70,12 +70,10 @@ def _non_layer_parameters(model: Bert) -> list[torch.Tensor]:
 
 
 def _grow(model: Bert, grow: str, n_layer: int) -> Bert:
-    """A new model: copies of `model`'s embeddings and heads, and layer j a deep copy of the old layer
-    layer_sources(grow, ...)[j] (a freshly initialised block where None); the j-th group of `group_size`
-    layers shares one block, as in `model`. The copy is made module by module: no state-dict key is renamed.
-
-    Asserts the promise of every growth op: copied layers and the non-layer parameters equal the old ones
-    in value but are new tensors, and the layers of a group share one block."""
+    """A new model with copies of `model`'s embeddings and heads and layer j a deep copy of old layer
+    layer_sources(grow, ...)[j] (a fresh block where None); each group of `group_size` layers shares one
+    block, as in `model`. Copied module by module: no state-dict key is renamed. Asserts the promise of
+    every growth op: copies equal the old tensors in value but are new tensors, and groups share a block."""
     c, g = model.config, model.config.group_size
     problem = growth_problem(grow, c.n_layer, n_layer, g)
     if problem:
@@ -104,14 +102,10 @@ def stack(model: Bert, n_layer: int) -> Bert:
 
 
 def identity(model: Bert, n_layer: int, noise_std: float = 0.0, generator: Optional[torch.Generator] = None) -> Bert:
-    """The identity baseline (Gong et al. section 4.1): the bottom L layers are the trained ones; the new
-    top layers are freshly initialised (global RNG) except that the weight and bias of attn.out and ffn.out,
-    the last linear map of each residual branch, are zero, or, with `noise_std` (paper: 0.03), zero-mean
-    Gaussian noise drawn from `generator`.
-
-    With zeros a pre-LN model computes exactly the same function as before. In the post-LN layout it does
-    not: each new layer still applies its two LayerNorms, so the op is allowed there but not function-
-    preserving."""
+    """The identity baseline (Gong et al. section 4.1): the trained L layers at the bottom, fresh layers on
+    top (global RNG) whose residual branches end in zero (attn.out, ffn.out), or with `noise_std` (paper:
+    0.03) in Gaussian noise drawn from `generator`. With zeros a pre-LN model computes exactly the same
+    function; a post-LN one does not (each new layer still applies its two LayerNorms)."""
     new = _grow(model, "identity", n_layer)
     residual_outputs = [p for layer in new.layers[model.config.n_layer:] for linear in (layer.attn.out, layer.ffn.out)
                         for p in linear.parameters()]
@@ -157,7 +151,8 @@ def trainable_summary(model: Bert) -> str:
     """One line, e.g. 'trainable: layers 9,10,11 of 12 + output layer, 0.96M of 11.50M parameters'."""
     layers = [str(j) for j, layer in enumerate(model.layers) if any(p.requires_grad for p in layer.parameters())]
     trainable, total = count_parameters(model)
-    what = f"layers {','.join(layers) or 'none'} of {len(model.layers)} + output layer" if trainable < total else "everything"
+    what = "everything" if trainable == total else \
+        f"layers {','.join(layers) or 'none'} of {len(model.layers)} + output layer"
     return f"trainable: {what}, {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters"
 
 
@@ -248,7 +243,7 @@ def _stage_problem(s: Stage, prev: Optional[Stage], g: int) -> Optional[str]:
         return f"depth {s.n_layer} is not a multiple of group_size {g}"
     t = s.trainable_top
     if t is not None and (prev is None or s.grow == "retrain" or not 0 < t <= s.n_layer or t % g):
-        return f"trainable_top={t} must be None in the first and retrain stages, else whole groups of {g} in 1..{s.n_layer}"
+        return f"trainable_top={t} must be None in the first and retrain stages, else groups of {g} in 1..{s.n_layer}"
     return None if prev is None else growth_problem(s.grow, prev.n_layer, s.n_layer, g)
 
 
@@ -353,5 +348,5 @@ if __name__ == "__main__":
             before = model(ids).mlm_logits
             model = grow_to(model, schedule, i).eval()
             change = (model(ids).mlm_logits - before).abs().max().item()
-            print(f"  stage {i}: {model.config.n_layer} layers, max change in MLM logits {change:.1e}")
-            print(f"    {trainable_summary(model)}")
+            summary = trainable_summary(model)
+            print(f"  stage {i}: {model.config.n_layer} layers, max change in MLM logits {change:.1e}; {summary}")
