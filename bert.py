@@ -275,9 +275,8 @@ HF_BUFFERS = {"bert.embeddings.position_ids", "roberta_prelayernorm.embeddings.p
 
 
 def _hf_views(model: Bert) -> dict:
-    """HF names -> live views of our parameters: BertForPreTraining's names for a post-LN model,
-    RobertaPreLayerNormForMaskedLM's for a pre-LN one. q, k and v, separate there, are row blocks of our fused
-    qkv; the LayerNorms sit after each residual add in BERT and before each sub-layer in RobertaPreLayerNorm."""
+    """HF names -> live views of our parameters; q, k and v, separate there, are row blocks of our fused qkv.
+    The LayerNorms sit after each residual add in BERT and before each sub-layer in RobertaPreLayerNorm."""
     m, pre = model, model.config.pre_norm
     base = "roberta_prelayernorm." if pre else "bert."
     modules = {base + "embeddings.word_embeddings": m.tok_emb, base + "embeddings.position_embeddings": m.pos_emb,
@@ -313,15 +312,12 @@ def hf_state_dict(model: Bert) -> dict:
 
 
 def hf_config(c: BertConfig) -> dict:
-    """transformers' config.json for a BertConfig: BertForPreTraining (post-LN) or
-    RobertaPreLayerNormForMaskedLM (pre-LN, whose position table is HF_PAD + 1 rows longer)."""
-    common = {
-        "vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layer,
-        "num_attention_heads": c.n_head, "intermediate_size": c.d_ff, "hidden_act": "gelu",
-        "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.attn_dropout,
-        "type_vocab_size": c.n_segment, "initializer_range": 0.02, "layer_norm_eps": c.ln_eps,
-        "pad_token_id": HF_PAD, "tie_word_embeddings": True,
-    }
+    """transformers' config.json for a BertConfig (a pre-LN model's position table is HF_PAD + 1 rows longer)."""
+    common = {"vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layer,
+              "num_attention_heads": c.n_head, "intermediate_size": c.d_ff, "hidden_act": "gelu",
+              "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.attn_dropout,
+              "type_vocab_size": c.n_segment, "initializer_range": 0.02, "layer_norm_eps": c.ln_eps,
+              "pad_token_id": HF_PAD, "tie_word_embeddings": True}
     if c.pre_norm:
         return {"architectures": ["RobertaPreLayerNormForMaskedLM"], "model_type": "roberta-prelayernorm",
                 "max_position_embeddings": c.max_position + HF_PAD + 1, "position_embedding_type": "absolute",
@@ -331,8 +327,7 @@ def hf_config(c: BertConfig) -> dict:
 
 
 def save_hf(model: Bert, directory: str):
-    """Write config.json and model.safetensors that transformers' AutoModelForMaskedLM loads
-    (BertForPreTraining for post-LN models, RobertaPreLayerNormForMaskedLM for pre-LN ones)."""
+    """Write config.json and model.safetensors, which transformers' AutoModelForMaskedLM loads."""
     sd = hf_state_dict(model)
     os.makedirs(directory, exist_ok=True)
     config = json.dumps(hf_config(model.config), indent=2).encode()
@@ -399,15 +394,14 @@ def write_safetensors(path: str, tensors: dict):
 
 
 def load_hf(directory: str) -> Bert:
-    """Read a HuggingFace folder, ours or one written by transformers (model.safetensors, or the older
-    pytorch_model.bin): BertForPreTraining gives a post-LN Bert, RobertaPreLayerNormForMaskedLM a pre-LN one
-    (whose pooler and NSP head, absent there, keep their fresh initialisation). Layers come back unshared."""
+    """Read a HuggingFace folder, ours or one written by transformers (model.safetensors or the older
+    pytorch_model.bin). A pre-LN model's pooler and NSP head, absent there, keep their fresh initialisation."""
     with open(os.path.join(directory, "config.json")) as f:
         hc = json.load(f)
     kind = hc.get("model_type", "bert")
     if kind not in ("bert", "roberta-prelayernorm"):
         raise ValueError(f"{directory}/config.json: model_type={kind!r}; only 'bert' and 'roberta-prelayernorm' "
-                         f"are supported")
+                         "are supported")
     if hc.get("hidden_act", "gelu") != "gelu" or hc.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{directory}/config.json: hidden_act={hc.get('hidden_act')!r}, position_embedding_type="
                          f"{hc.get('position_embedding_type')!r}; only exact 'gelu' and 'absolute' are supported")
