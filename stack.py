@@ -54,8 +54,8 @@ def growth_problem(grow: str, L: int, n: int, g: int) -> Optional[str]:
         return None if n == L else f"retrain keeps the depth {L}"
     if grow == "mslt":
         if not 0 < n - L <= L:
-            return f"mslt copies the top {n - L} layers; it needs between 1 and {L} (at most {L}, the depth)"
-        return f"mslt copies the top {n - L} layers, not a whole number of groups of {g}" if (n - L) % g else None
+            return f"copying the top {n - L} layers needs between 1 and {L} of them (at most {L}, the depth)"
+        return f"copying the top {n - L} layers is not a whole number of groups of {g}" if (n - L) % g else None
     if n <= L:
         return f"must grow the depth beyond {L}; target depth {n} is not larger"
     if g > 1:
