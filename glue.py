@@ -471,6 +471,16 @@ def predict(model: GlueModel, enc: Encoded, dtype: str = "float32", batch_size: 
     return pred
 
 
+def dev_metrics(task: Task, model: GlueModel, dev: dict, dtype: str = "float32") -> dict:
+    """{metric: value}; with several dev sets (MNLI) the keys are metric-split, e.g. acc-m, acc-mm."""
+    out = {}
+    for split, enc in dev.items():
+        pred = predict(model, enc, dtype)
+        for name in task.metrics:
+            out[name if len(dev) == 1 else f"{name}-{split}"] = METRICS[name](enc.labels.numpy(), pred)
+    return out
+
+
 def prediction_strings(task: Task, pred: np.ndarray) -> list:
     """What the GLUE server reads: label strings, or STS-B scores clipped to [0, 5]."""
     if task.labels is None:
@@ -515,19 +525,14 @@ def fit(model: GlueModel, task: Task, enc: Encoded, lr: float, seed: int, cfg: F
 
 def finetune(task: Task, backbone: Backbone, encoded: dict, lr: float, seed: int, cfg: FinetuneConfig,
              ranks: Dist) -> dict:
-    """One (lr, seed) run from the backbone; returns its record: dev metrics, score, test predictions. With
-    several dev sets (MNLI) the metrics are named metric-split, e.g. acc-m, acc-mm."""
+    """One (lr, seed) run from the backbone; returns its record: dev metrics, score, test predictions."""
     t0 = time.time()
     device = torch.device(f"cuda:{ranks.local_rank}" if cfg.device == "cuda" else cfg.device)
     use_tf32(cfg.device)
     n_out = 1 if task.labels is None else len(task.labels)
     model = GlueModel(backbone.build(seed), n_out, backbone.tokenizer.pad_id).to(device)
     train_loss = fit(model, task, encoded["train"], lr, seed, cfg, ranks)
-    dev = {}
-    for split, enc in encoded["dev"].items():
-        pred = predict(model, enc, cfg.dtype)
-        dev.update({name if len(encoded["dev"]) == 1 else f"{name}-{split}": METRICS[name](enc.labels.numpy(), pred)
-                    for name in task.metrics})
+    dev = dev_metrics(task, model, encoded["dev"], cfg.dtype)
     test = {stem: {"index": enc.index, "prediction": prediction_strings(task, predict(model, enc, cfg.dtype))}
             for stem, enc in encoded["test"].items()} if cfg.predict_test else {}
     return {"task": task.name, "lr": lr, "seed": seed, "label": backbone.label,
@@ -580,16 +585,16 @@ def encode_task(task: Task, backbone: Backbone, glue_dir: str, cfg: FinetuneConf
     raw = load_task(task, glue_dir, skip_bad_rows)
     if raw.skipped:
         print0(ranks, f"{task.name}: skipped {raw.skipped} malformed rows (--skip-bad-rows)")
-    examples, n = raw.train, cfg.max_train_examples
-    if not examples:
+    train_set, n = raw.train, cfg.max_train_examples
+    if not train_set:
         raise GlueError(f"{task.name}: the training file has no usable rows")
-    if n and n < len(examples):  # the same subset for every run
-        examples = [examples[i] for i in sorted(np.random.default_rng(0).permutation(len(examples))[:n])]
+    if n and n < len(train_set):  # the same subset for every run
+        train_set = [train_set[i] for i in sorted(np.random.default_rng(0).permutation(len(train_set))[:n])]
 
     def enc(examples):
         return encode(examples, backbone.tokenizer, cfg.max_seq_len, regression=task.labels is None)
 
-    return {"train": enc(examples), "dev": {k: enc(v) for k, v in raw.dev.items()},
+    return {"train": enc(train_set), "dev": {k: enc(v) for k, v in raw.dev.items()},
             "test": {k: enc(v) for k, v in raw.test.items()}}
 
 
