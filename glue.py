@@ -664,7 +664,8 @@ def results_table(dirs: list) -> str:
 def parse_args(argv=None) -> tuple:
     """(arguments, the task names, FinetuneConfig); argparse's one-line error and exit 2 on a bad flag."""
     defaults = FinetuneConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", nargs="+", default=[], help="train.py checkpoint(s) or HuggingFace BERT folder(s)")
     g.add_argument("--tokenizer", help="tokenizer JSON (data.Tokenizer.save) for a HuggingFace folder")
