@@ -187,7 +187,7 @@ class Bert(nn.Module):
             raise ValueError(f"input length {T} exceeds max_position={self.config.max_position}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        keep = None if attention_mask is None else attention_mask.bool().view(B, 1, 1, T)  # the one place the padding mask is built
+        keep = None if attention_mask is None else attention_mask.bool().view(B, 1, 1, T)  # the one padding mask
         pos = torch.arange(T, device=input_ids.device)
         x = self.tok_emb(input_ids) + self.pos_emb(pos) + self.seg_emb(token_type_ids)  # (B, T, D)
         x = self.emb_drop(self.emb_ln(x))
@@ -274,57 +274,30 @@ HF_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.we
 HF_BUFFERS = {"bert.embeddings.position_ids", "roberta_prelayernorm.embeddings.position_ids"}
 
 
-def _hf_layer_tensors(prefix: str, block: Block) -> dict:
-    """HF names -> tensors of one encoder layer (q, k, v are separate there, fused here). The LayerNorms sit
-    after each residual add in BERT ("output.LayerNorm") and before each sub-layer in RobertaPreLayerNorm."""
-    p = prefix
-    qw, kw, vw = block.attn.qkv.weight.chunk(3)
-    qb, kb, vb = block.attn.qkv.bias.chunk(3)
-    ln_attn, ln_ffn = ("attention.LayerNorm", "intermediate.LayerNorm") if block.pre_norm else \
-        ("attention.output.LayerNorm", "output.LayerNorm")
-    return {
-        p + "attention.self.query.weight": qw, p + "attention.self.query.bias": qb,
-        p + "attention.self.key.weight": kw, p + "attention.self.key.bias": kb,
-        p + "attention.self.value.weight": vw, p + "attention.self.value.bias": vb,
-        p + "attention.output.dense.weight": block.attn.out.weight,
-        p + "attention.output.dense.bias": block.attn.out.bias,
-        p + ln_attn + ".weight": block.ln_attn.weight, p + ln_attn + ".bias": block.ln_attn.bias,
-        p + "intermediate.dense.weight": block.ffn.inner.weight, p + "intermediate.dense.bias": block.ffn.inner.bias,
-        p + "output.dense.weight": block.ffn.out.weight, p + "output.dense.bias": block.ffn.out.bias,
-        p + ln_ffn + ".weight": block.ln_ffn.weight, p + ln_ffn + ".bias": block.ln_ffn.bias,
-    }
-
-
 def _hf_views(model: Bert) -> dict:
-    """HF names -> live views of our parameters, BertForPreTraining's names for post-LN models and
-    RobertaPreLayerNormForMaskedLM's for pre-LN ones (q, k, v are row blocks of the fused qkv)."""
-    m = model
-    base = "roberta_prelayernorm." if m.config.pre_norm else "bert."
-    views = {
-        base + "embeddings.word_embeddings.weight": m.tok_emb.weight,
-        base + "embeddings.position_embeddings.weight": m.pos_emb.weight,
-        base + "embeddings.token_type_embeddings.weight": m.seg_emb.weight,
-        base + "embeddings.LayerNorm.weight": m.emb_ln.weight, base + "embeddings.LayerNorm.bias": m.emb_ln.bias,
-    }
+    """HF names -> live views of our parameters; q, k and v, separate there, are row blocks of our fused qkv.
+    The LayerNorms sit after each residual add in BERT and before each sub-layer in RobertaPreLayerNorm."""
+    m, pre = model, model.config.pre_norm
+    base = "roberta_prelayernorm." if pre else "bert."
+    modules = {base + "embeddings.word_embeddings": m.tok_emb, base + "embeddings.position_embeddings": m.pos_emb,
+               base + "embeddings.token_type_embeddings": m.seg_emb, base + "embeddings.LayerNorm": m.emb_ln}
+    ln_attn, ln_ffn = ("attention.LayerNorm", "intermediate.LayerNorm") if pre else \
+        ("attention.output.LayerNorm", "output.LayerNorm")
+    views = {}
     for i, block in enumerate(m.layers):
-        views.update(_hf_layer_tensors(f"{base}encoder.layer.{i}.", block))
-    if m.config.pre_norm:
-        views.update({
-            base + "LayerNorm.weight": m.final_ln.weight, base + "LayerNorm.bias": m.final_ln.bias,
-            "lm_head.dense.weight": m.mlm_dense.weight, "lm_head.dense.bias": m.mlm_dense.bias,
-            "lm_head.layer_norm.weight": m.mlm_ln.weight, "lm_head.layer_norm.bias": m.mlm_ln.bias,
-            "lm_head.bias": m.mlm_bias,
-        })
-        return views
-    views.update({
-        "bert.pooler.dense.weight": m.pooler.weight, "bert.pooler.dense.bias": m.pooler.bias,
-        "cls.predictions.transform.dense.weight": m.mlm_dense.weight,
-        "cls.predictions.transform.dense.bias": m.mlm_dense.bias,
-        "cls.predictions.transform.LayerNorm.weight": m.mlm_ln.weight,
-        "cls.predictions.transform.LayerNorm.bias": m.mlm_ln.bias,
-        "cls.predictions.bias": m.mlm_bias,
-        "cls.seq_relationship.weight": m.nsp.weight, "cls.seq_relationship.bias": m.nsp.bias,
-    })
+        p = f"{base}encoder.layer.{i}."
+        modules.update({p + "attention.output.dense": block.attn.out, p + ln_attn: block.ln_attn,
+                        p + "intermediate.dense": block.ffn.inner, p + "output.dense": block.ffn.out,
+                        p + ln_ffn: block.ln_ffn})
+        for name, w, b in zip(("query", "key", "value"), block.attn.qkv.weight.chunk(3), block.attn.qkv.bias.chunk(3)):
+            views.update({f"{p}attention.self.{name}.weight": w, f"{p}attention.self.{name}.bias": b})
+    if pre:
+        modules.update({base + "LayerNorm": m.final_ln, "lm_head.dense": m.mlm_dense, "lm_head.layer_norm": m.mlm_ln})
+    else:
+        modules.update({"bert.pooler.dense": m.pooler, "cls.predictions.transform.dense": m.mlm_dense,
+                        "cls.predictions.transform.LayerNorm": m.mlm_ln, "cls.seq_relationship": m.nsp})
+    views.update({f"{name}.{k}": v for name, module in modules.items() for k, v in module.named_parameters()})
+    views["lm_head.bias" if pre else "cls.predictions.bias"] = m.mlm_bias
     return views
 
 
@@ -339,15 +312,12 @@ def hf_state_dict(model: Bert) -> dict:
 
 
 def hf_config(c: BertConfig) -> dict:
-    """transformers' config.json for a BertConfig: BertForPreTraining (post-LN) or
-    RobertaPreLayerNormForMaskedLM (pre-LN, whose position table is HF_PAD + 1 rows longer)."""
-    common = {
-        "vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layer,
-        "num_attention_heads": c.n_head, "intermediate_size": c.d_ff, "hidden_act": "gelu",
-        "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.attn_dropout,
-        "type_vocab_size": c.n_segment, "initializer_range": 0.02, "layer_norm_eps": c.ln_eps,
-        "pad_token_id": HF_PAD, "tie_word_embeddings": True,
-    }
+    """transformers' config.json for a BertConfig (a pre-LN model's position table is HF_PAD + 1 rows longer)."""
+    common = {"vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layer,
+              "num_attention_heads": c.n_head, "intermediate_size": c.d_ff, "hidden_act": "gelu",
+              "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.attn_dropout,
+              "type_vocab_size": c.n_segment, "initializer_range": 0.02, "layer_norm_eps": c.ln_eps,
+              "pad_token_id": HF_PAD, "tie_word_embeddings": True}
     if c.pre_norm:
         return {"architectures": ["RobertaPreLayerNormForMaskedLM"], "model_type": "roberta-prelayernorm",
                 "max_position_embeddings": c.max_position + HF_PAD + 1, "position_embedding_type": "absolute",
@@ -357,11 +327,11 @@ def hf_config(c: BertConfig) -> dict:
 
 
 def save_hf(model: Bert, directory: str):
-    """Write config.json and model.safetensors that transformers' AutoModelForMaskedLM loads
-    (BertForPreTraining for post-LN models, RobertaPreLayerNormForMaskedLM for pre-LN ones)."""
+    """Write config.json and model.safetensors, which transformers' AutoModelForMaskedLM loads."""
     sd = hf_state_dict(model)
     os.makedirs(directory, exist_ok=True)
-    atomic_write(os.path.join(directory, "config.json"), lambda f: f.write(json.dumps(hf_config(model.config), indent=2).encode()))
+    config = json.dumps(hf_config(model.config), indent=2).encode()
+    atomic_write(os.path.join(directory, "config.json"), lambda f: f.write(config))
     write_safetensors(os.path.join(directory, "model.safetensors"), sd)
 
 
@@ -423,25 +393,15 @@ def write_safetensors(path: str, tensors: dict):
     atomic_write(path, write)
 
 
-def _read_hf_weights(directory: str) -> dict:
-    """The state dict of a HF model directory: model.safetensors (transformers 5) or pytorch_model.bin."""
-    st, pt = os.path.join(directory, "model.safetensors"), os.path.join(directory, "pytorch_model.bin")
-    if os.path.exists(st):
-        return read_safetensors(st)
-    if os.path.exists(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory} holds neither model.safetensors nor pytorch_model.bin")
-
-
 def load_hf(directory: str) -> Bert:
-    """Read a HuggingFace folder, ours or one written by transformers: BertForPreTraining gives a post-LN Bert,
-    RobertaPreLayerNormForMaskedLM a pre-LN one (whose pooler and NSP head, absent there, keep their fresh
-    initialisation). Layers come back unshared (group_size 1)."""
+    """Read a HuggingFace folder, ours or one written by transformers (model.safetensors or the older
+    pytorch_model.bin). A pre-LN model's pooler and NSP head, absent there, keep their fresh initialisation."""
     with open(os.path.join(directory, "config.json")) as f:
         hc = json.load(f)
     kind = hc.get("model_type", "bert")
     if kind not in ("bert", "roberta-prelayernorm"):
-        raise ValueError(f"{directory}/config.json: model_type={kind!r}; only 'bert' and 'roberta-prelayernorm' are supported")
+        raise ValueError(f"{directory}/config.json: model_type={kind!r}; only 'bert' and 'roberta-prelayernorm' "
+                         "are supported")
     if hc.get("hidden_act", "gelu") != "gelu" or hc.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{directory}/config.json: hidden_act={hc.get('hidden_act')!r}, position_embedding_type="
                          f"{hc.get('position_embedding_type')!r}; only exact 'gelu' and 'absolute' are supported")
@@ -453,7 +413,10 @@ def load_hf(directory: str) -> Bert:
         dropout=hc["hidden_dropout_prob"], attn_dropout=hc["attention_probs_dropout_prob"],
         ln_eps=hc["layer_norm_eps"], n_segment=hc["type_vocab_size"], pre_norm=pre_norm)
     model = Bert(config)
-    theirs = _read_hf_weights(directory)
+    st, pt = os.path.join(directory, "model.safetensors"), os.path.join(directory, "pytorch_model.bin")
+    if not os.path.exists(st) and not os.path.exists(pt):
+        raise FileNotFoundError(f"{directory} holds neither model.safetensors nor pytorch_model.bin")
+    theirs = read_safetensors(st) if os.path.exists(st) else torch.load(pt, map_location="cpu", weights_only=True)
     if pre_norm and ROBERTA_POSITIONS in theirs:
         theirs[ROBERTA_POSITIONS] = theirs[ROBERTA_POSITIONS][skip:]
     ours = _hf_views(model)
@@ -461,8 +424,8 @@ def load_hf(directory: str) -> Bert:
     unexpected = [k for k in theirs if k not in ours and k not in HF_TIED and k not in HF_BUFFERS]
     untied = [k for k, v in HF_TIED.items() if k in theirs and v in theirs and not torch.equal(theirs[k], theirs[v])]
     if missing or unexpected or untied:
-        raise ValueError(f"{directory}: weights do not match {hc.get('architectures', [kind])[0]}; missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, not tied as we tie them {untied[:5]}")
+        raise ValueError(f"{directory}: weights do not match {hc.get('architectures', [kind])[0]}; missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}, not tied as we tie them {untied[:5]}")
     with torch.no_grad():
         for name, target in ours.items():
             target.copy_(theirs[name])
@@ -495,4 +458,5 @@ if __name__ == "__main__":
     labels[:, 3] = ids[:, 3]
     out = model(ids, mlm_labels=labels, nsp_labels=torch.tensor([0, 1]))
     out.loss.backward()
-    print(f"tiny forward/backward: loss {out.loss.item():.3f} (log V = {math.log(1000):.3f} + log 2 = {math.log(2):.3f})")
+    print(f"tiny forward/backward: loss {out.loss.item():.3f} "
+          f"(log V = {math.log(1000):.3f} + log 2 = {math.log(2):.3f})")

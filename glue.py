@@ -177,14 +177,15 @@ def load_task(task: Task, glue_dir: str, skip_bad_rows: bool = False) -> TaskDat
         skipped.append(n_bad)
         return examples
 
-    train = read(os.path.join(folder, "train.tsv"), task.labelled)
+    train_set = read(os.path.join(folder, "train.tsv"), task.labelled)
     dev = {k: read(os.path.join(folder, f), task.labelled) for k, f in task.dev_files.items()}
     test = {k: read(os.path.join(glue_dir, f), layout) for k, (f, layout) in task.test_files.items()
             if os.path.exists(os.path.join(glue_dir, f))}
-    return TaskData(train, dev, test, sum(skipped))
+    return TaskData(train_set, dev, test, sum(skipped))
 
 
 def available_tasks(glue_dir: str) -> list:
+    """The tasks with a folder under glue_dir, in GLUE's order (--task all)."""
     return [name for name in TASKS if os.path.isdir(os.path.join(glue_dir, name))]
 
 
@@ -226,14 +227,9 @@ def pearson(x, y) -> float:
 
 def rankdata(x) -> np.ndarray:
     """1-based ranks, tied values get the mean of the ranks they span: [10, 20, 20, 30] -> [1, 2.5, 2.5, 4]."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # first sorted position of each run of ties
-    ends = np.r_[starts[1:], len(x)]
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat((starts + 1 + ends) / 2, ends - starts)  # mean of ranks starts+1 .. ends
-    return ranks
+    _, value_of, counts = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # the distinct values, sorted, take ranks last - count + 1 .. last
+    return ((last - counts + 1 + last) / 2)[value_of]
 
 
 def spearman(x, y) -> float:
@@ -378,8 +374,10 @@ def backbone_parts(path: str, ckpt) -> tuple:
                         f"needs a checkpoint written by train.py, or a HuggingFace folder with --tokenizer")
     try:
         config = bert.BertConfig(**ckpt["config"])
-        result = bert.Bert(config).load_state_dict(ckpt["model"], strict=False)
-    except (TypeError, ValueError, RuntimeError) as e:
+        with torch.device("meta"):  # names and shapes only: no memory, no initialisation
+            shapes = {k: v.to("meta") for k, v in ckpt["model"].items()}
+            result = bert.Bert(config).load_state_dict(shapes, strict=False)
+    except (TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise GlueError(f"{path}: weights do not fit its config ({first_line(e)})") from None
     if result.missing_keys or result.unexpected_keys:
         raise GlueError(f"{path}: weights do not fit its config; missing {result.missing_keys[:5]}, "
@@ -394,8 +392,8 @@ def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional
     if os.path.isdir(path):
         tokenizer_path = tokenizer_path or os.path.join(path, "tokenizer.json")
         if not os.path.exists(tokenizer_path):
-            raise GlueError(f"{path} is a HuggingFace folder without our tokenizer; pass --tokenizer FILE "
-                            f"(the tokenizer.json of train.py --export-hf, or a JSON file written by data.Tokenizer.save)")
+            raise GlueError(f"{path} is a HuggingFace folder without our tokenizer; pass --tokenizer FILE (the "
+                            f"tokenizer.json of train.py --export-hf, or a JSON file written by data.Tokenizer.save)")
         try:
             model, tok = bert.load_hf(path), Tokenizer.load(tokenizer_path)
         except (OSError, KeyError, ValueError) as e:
@@ -479,8 +477,7 @@ def dev_metrics(task: Task, model: GlueModel, dev: dict, dtype: str = "float32")
     for split, enc in dev.items():
         pred = predict(model, enc, dtype)
         for name in task.metrics:
-            key = name if len(dev) == 1 else f"{name}-{split}"
-            out[key] = METRICS[name](enc.labels.numpy(), pred)
+            out[name if len(dev) == 1 else f"{name}-{split}"] = METRICS[name](enc.labels.numpy(), pred)
     return out
 
 
@@ -518,14 +515,16 @@ def fit(model: GlueModel, task: Task, enc: Encoded, lr: float, seed: int, cfg: F
             if step % cfg.log_every == 0 or step == total:
                 (train_loss,) = all_reduce_mean([sum(window) / len(window)], ranks)
                 elapsed, window = time.time() - t0, []
+                eta = fmt_time(elapsed / step * (total - step))
                 print0(ranks, f"{tag} | step {step}/{total} | epoch {step / per_epoch:.2f} | loss {train_loss:.4f} | "
-                          f"{step * cfg.batch_size / elapsed:.0f} ex/s | ETA {fmt_time(elapsed / step * (total - step))}")
+                              f"{step * cfg.batch_size / elapsed:.0f} ex/s | ETA {eta}")
             if step == total:
                 break
     return train_loss
 
 
-def finetune(task: Task, backbone: Backbone, encoded: dict, lr: float, seed: int, cfg: FinetuneConfig, ranks: Dist) -> dict:
+def finetune(task: Task, backbone: Backbone, encoded: dict, lr: float, seed: int, cfg: FinetuneConfig,
+             ranks: Dist) -> dict:
     """One (lr, seed) run from the backbone; returns its record: dev metrics, score, test predictions."""
     t0 = time.time()
     device = torch.device(f"cuda:{ranks.local_rank}" if cfg.device == "cuda" else cfg.device)
@@ -536,9 +535,9 @@ def finetune(task: Task, backbone: Backbone, encoded: dict, lr: float, seed: int
     dev = dev_metrics(task, model, encoded["dev"], cfg.dtype)
     test = {stem: {"index": enc.index, "prediction": prediction_strings(task, predict(model, enc, cfg.dtype))}
             for stem, enc in encoded["test"].items()} if cfg.predict_test else {}
-    return {"task": task.name, "lr": lr, "seed": seed, "label": backbone.label, "settings": cfg.settings(task, backbone),
-            "dev": dev, "score": task_score(dev), "train_loss": train_loss, "train_examples": len(encoded["train"].ids),
-            "seconds": round(time.time() - t0, 1), "test": test}
+    return {"task": task.name, "lr": lr, "seed": seed, "label": backbone.label,
+            "settings": cfg.settings(task, backbone), "dev": dev, "score": task_score(dev), "train_loss": train_loss,
+            "train_examples": len(encoded["train"].ids), "seconds": round(time.time() - t0, 1), "test": test}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -586,16 +585,16 @@ def encode_task(task: Task, backbone: Backbone, glue_dir: str, cfg: FinetuneConf
     raw = load_task(task, glue_dir, skip_bad_rows)
     if raw.skipped:
         print0(ranks, f"{task.name}: skipped {raw.skipped} malformed rows (--skip-bad-rows)")
-    train = raw.train
-    if not train:
+    train_set, n = raw.train, cfg.max_train_examples
+    if not train_set:
         raise GlueError(f"{task.name}: the training file has no usable rows")
-    if cfg.max_train_examples and cfg.max_train_examples < len(train):  # the same subset for every run
-        train = [train[i] for i in sorted(np.random.default_rng(0).permutation(len(train))[:cfg.max_train_examples])]
+    if n and n < len(train_set):  # the same subset for every run
+        train_set = [train_set[i] for i in sorted(np.random.default_rng(0).permutation(len(train_set))[:n])]
 
     def enc(examples):
         return encode(examples, backbone.tokenizer, cfg.max_seq_len, regression=task.labels is None)
 
-    return {"train": enc(train), "dev": {k: enc(v) for k, v in raw.dev.items()},
+    return {"train": enc(train_set), "dev": {k: enc(v) for k, v in raw.dev.items()},
             "test": {k: enc(v) for k, v in raw.test.items()}}
 
 
@@ -612,16 +611,19 @@ def run_task(task: Task, backbone: Backbone, glue_dir: str, out: str, cfg: Finet
                             f"use another --out")
     finished = {(r["lr"], r["seed"]) for r in done}
     todo = [(lr, seed) for lr in cfg.lrs for seed in cfg.seeds if (lr, seed) not in finished]
-    print0(ranks, f"{task.name}: {len(cfg.lrs) * len(cfg.seeds) - len(todo)} runs already finished in {out}, {len(todo)} to do")
+    n_done = len(cfg.lrs) * len(cfg.seeds) - len(todo)
+    print0(ranks, f"{task.name}: {n_done} runs already finished in {out}, {len(todo)} to do")
     encoded = encode_task(task, backbone, glue_dir, cfg, skip_bad_rows, ranks) if todo else None
     for lr, seed in todo:
         result = finetune(task, backbone, encoded, lr, seed, cfg, ranks)
-        print0(ranks, f"{task.name} lr {lr:g} seed {seed}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in result["dev"].items()))
+        dev = ", ".join(f"{k} {v:.4f}" for k, v in result["dev"].items())
+        print0(ranks, f"{task.name} lr {lr:g} seed {seed}: dev {dev}")
         if ranks.master:
             atomic_write(os.path.join(out, "runs", f"{task.name}_lr{lr:g}_seed{seed}.json"), json.dumps(result))
     if ranks.master:
         best_lr, best = select(load_runs(out)[task.name])
-        print(f"{task.name}: best lr {best_lr:g}, dev score {fmt_cell([r['score'] for r in best])} over {len(best)} seeds")
+        score = fmt_cell([r["score"] for r in best])
+        print(f"{task.name}: best lr {best_lr:g}, dev score {score} over {len(best)} seeds")
         for path in write_submission(best, out):
             print(f"  wrote {path}")
 
@@ -640,7 +642,8 @@ def results_table(dirs: list) -> str:
     for folder in dirs:
         runs = load_runs(folder)
         if not runs:
-            raise GlueError(f"{folder} holds no results (no {folder}/runs/*.json); make them with glue.py --checkpoint ... --out {folder}")
+            raise GlueError(f"{folder} holds no results (no {folder}/runs/*.json); make them with "
+                            f"glue.py --checkpoint ... --out {folder}")
         best[folder] = {name: {r["seed"]: r for r in select(task_runs)[1]} for name, task_runs in runs.items()}
     tasks = [t for t in TASKS if any(t in b for b in best.values())]
     common = [t for t in tasks if all(t in b for b in best.values()) and t not in NOT_AVERAGED]
@@ -659,8 +662,10 @@ def results_table(dirs: list) -> str:
 
 
 def parse_args(argv=None) -> tuple:
+    """(arguments, the task names, FinetuneConfig); argparse's one-line error and exit 2 on a bad flag."""
     defaults = FinetuneConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", nargs="+", default=[], help="train.py checkpoint(s) or HuggingFace BERT folder(s)")
     g.add_argument("--tokenizer", help="tokenizer JSON (data.Tokenizer.save) for a HuggingFace folder")
@@ -668,7 +673,8 @@ def parse_args(argv=None) -> tuple:
     g = p.add_argument_group("data")
     g.add_argument("--task", nargs="+", default=["RTE"], help=f"tasks among {', '.join(TASKS)}, or 'all' present")
     g.add_argument("--glue-dir", default=DEFAULT_GLUE_DIR, help="folder with one sub-folder per task")
-    g.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len, help="tokens per example, specials included")
+    g.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len,
+                   help="tokens per example, specials included")
     g.add_argument("--max-train-examples", type=int, help="fine-tune on a fixed random subset of this size")
     g.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of failing")
     g = p.add_argument_group("fine-tuning")

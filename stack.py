@@ -11,12 +11,11 @@
 
 A `Schedule` describes a whole run (depth, steps, growth op and trainable layers of each stage); train.py
 builds stage 0 from `initial_config`, calls `grow_to` at each switch and builds a fresh optimizer over the
-parameters that require grad. `layer_sources` tells which old layer each new layer was copied from.
-
-Run `python stack.py` to print every method's schedule and grow a tiny model through two of them.
+parameters that require grad. Run `python stack.py` to print every method's schedule and grow a tiny model.
 """
 
 import copy
+import itertools
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
@@ -48,19 +47,20 @@ def layer_sources(grow: str, old_n_layer: int, new_n_layer: int) -> list[Optiona
     raise ValueError(f"no layer sources for grow={grow!r}; choose stack, identity, identity-noise, mslt or retrain")
 
 
-def _assemble(model: Bert, sources: list[Optional[int]]) -> Bert:
-    """A new model with copies of `model`'s embeddings and heads and layer j a deep copy of old layer
-    sources[j] (a freshly initialised block where None); the j-th group of `group_size` layers shares one
-    block, as in `model`. The copy is made module by module, so no state-dict key is ever renamed."""
-    config = replace(model.config, n_layer=len(sources))
-    g = config.group_size
-    ref = next(model.parameters())
-    new = copy.deepcopy(model)  # embeddings, final LN, heads; the tied decoder stays tied to tok_emb
-    new.config = config
-    blocks = [copy.deepcopy(model.layers[s]) if s is not None else Block(config).apply(init_weights).to(ref)
-              for s in sources[::g]]
-    new.layers = nn.ModuleList(blocks[j // g] for j in range(config.n_layer))
-    return new.train(model.training).requires_grad_(True)
+def growth_problem(grow: str, L: int, n: int, g: int) -> Optional[str]:
+    """Why `grow` cannot take L layers (in groups of g sharing a block) to n layers, or None if it can.
+    The operators ask before growing, and Schedule at start, so that a bad schedule fails before training."""
+    if grow == "retrain":
+        return None if n == L else f"retrain keeps the depth {L}"
+    if grow == "mslt":
+        if not 0 < n - L <= L:
+            return f"copying the top {n - L} layers needs between 1 and {L} of them (at most {L}, the depth)"
+        return f"copying the top {n - L} layers is not a whole number of groups of {g}" if (n - L) % g else None
+    if n <= L:
+        return f"must grow the depth beyond {L}; target depth {n} is not larger"
+    if g > 1:
+        return f"the model shares blocks in groups of {g} (ALBERT); grouped models grow with mslt"
+    return f"target depth {n} is not a multiple of the previous depth {L}" if grow == "stack" and n % L else None
 
 
 def _non_layer_parameters(model: Bert) -> list[torch.Tensor]:
@@ -69,65 +69,50 @@ def _non_layer_parameters(model: Bert) -> list[torch.Tensor]:
     return [p for p in model.parameters() if id(p) not in in_layers]
 
 
-def _assert_copied(old: Bert, new: Bert, sources: list[Optional[int]]):
-    """The promise of every growth op: copied layers and the non-layer parameters equal the old ones in
-    value but are new tensors, and the layers of a group share one block."""
-    pairs = [(new.layers[j].parameters(), old.layers[s].parameters(), f"layer {j} (from old layer {s})")
+def _grow(model: Bert, grow: str, n_layer: int) -> Bert:
+    """A new model with copies of `model`'s embeddings and heads and layer j a deep copy of old layer
+    layer_sources(grow, ...)[j] (a fresh block where None); each group of `group_size` layers shares one
+    block, as in `model`. Copied module by module: no state-dict key is renamed. Asserts the promise of
+    every growth op: copies equal the old tensors in value but are new tensors, and groups share a block."""
+    c, g = model.config, model.config.group_size
+    problem = growth_problem(grow, c.n_layer, n_layer, g)
+    if problem:
+        raise ValueError(f"{grow}: {problem}")
+    sources = layer_sources(grow, c.n_layer, n_layer)
+    new = copy.deepcopy(model)  # embeddings, final LN, heads; the tied decoder stays tied to tok_emb
+    new.config = replace(c, n_layer=n_layer)
+    ref = next(model.parameters())
+    blocks = [copy.deepcopy(model.layers[s]) if s is not None else Block(c).apply(init_weights).to(ref)
+              for s in sources[::g]]
+    new.layers = nn.ModuleList(blocks[j // g] for j in range(n_layer))
+    pairs = [(new.layers[j].parameters(), model.layers[s].parameters(), f"layer {j} (from old layer {s})")
              for j, s in enumerate(sources) if s is not None]
-    pairs.append((_non_layer_parameters(new), _non_layer_parameters(old), "embeddings and heads"))
+    pairs.append((_non_layer_parameters(new), _non_layer_parameters(model), "embeddings and heads"))
     for new_params, old_params, what in pairs:
         for p, q in zip(new_params, old_params, strict=True):
             assert p is not q and torch.equal(p, q), f"{what} is not an exact, separate copy"
-    g = new.config.group_size
-    assert all(new.layers[j] is new.layers[j - j % g] for j in range(new.config.n_layer)), "group sharing broken"
-
-
-def _check_target(model: Bert, n_layer: int, op: str):
-    """The checks `stack` and `identity` share: a deeper target and no shared blocks."""
-    L = model.config.n_layer
-    if n_layer <= L:
-        raise ValueError(f"{op}: target depth {n_layer} is not larger than the model's {L} layers")
-    if model.config.group_size > 1:
-        raise ValueError(f"{op}: the model shares blocks (group_size={model.config.group_size}); "
-                         "grouped (ALBERT) models grow with mslt_grow")
+    assert all(new.layers[j] is new.layers[j - j % g] for j in range(n_layer)), "group sharing broken"
+    return new.train(model.training).requires_grad_(True)
 
 
 def stack(model: Bert, n_layer: int) -> Bert:
     """Progressive stacking's operator: L -> n_layer layers (a multiple of L), new layer j = copy of old
     layer j mod L (Gong et al. section 3; 3 -> 12 in one step repeats the stack four times)."""
-    _check_target(model, n_layer, "stack")
-    if n_layer % model.config.n_layer:
-        raise ValueError(f"stack: target depth {n_layer} is not a multiple of the model's {model.config.n_layer} layers")
-    sources = layer_sources("stack", model.config.n_layer, n_layer)
-    new = _assemble(model, sources)
-    _assert_copied(model, new, sources)
-    return new
-
-
-def _residual_outputs(block: Block) -> list[nn.Linear]:
-    """The last linear map of each residual branch: zero them and the block adds nothing to its input."""
-    return [block.attn.out, block.ffn.out]
+    return _grow(model, "stack", n_layer)
 
 
 def identity(model: Bert, n_layer: int, noise_std: float = 0.0, generator: Optional[torch.Generator] = None) -> Bert:
-    """The identity baseline (Gong et al. section 4.1): the bottom L layers are the trained ones; the new
-    top layers are freshly initialised (global RNG) except that the weight and bias of attn.out and ffn.out
-    are zero, or, with `noise_std` (paper: 0.03), zero-mean Gaussian noise drawn from `generator`.
-
-    With zeros a pre-LN model computes exactly the same function as before. In the post-LN layout it does
-    not: each new layer still applies its two LayerNorms, so the op is allowed there but not function-
-    preserving."""
-    _check_target(model, n_layer, "identity")
-    L = model.config.n_layer
-    sources = layer_sources("identity", L, n_layer)
-    new = _assemble(model, sources)
+    """The identity baseline (Gong et al. section 4.1): the trained L layers at the bottom, fresh layers on
+    top (global RNG) whose residual branches end in zero (attn.out, ffn.out), or with `noise_std` (paper:
+    0.03) in Gaussian noise drawn from `generator`. With zeros a pre-LN model computes exactly the same
+    function; a post-LN one does not (each new layer still applies its two LayerNorms)."""
+    new = _grow(model, "identity", n_layer)
+    residual_outputs = [p for layer in new.layers[model.config.n_layer:] for linear in (layer.attn.out, layer.ffn.out)
+                        for p in linear.parameters()]
     with torch.no_grad():
-        for layer in new.layers[L:]:
-            for linear in _residual_outputs(layer):
-                for p in linear.parameters():
-                    p.copy_(torch.randn(p.shape, generator=generator) * noise_std)  # zero when noise_std = 0
-    _assert_copied(model, new, sources)
-    assert noise_std or all(not p.any() for layer in new.layers[L:] for m in _residual_outputs(layer) for p in m.parameters())
+        for p in residual_outputs:
+            p.copy_(torch.randn(p.shape, generator=generator) * noise_std)  # zero when noise_std = 0
+    assert noise_std or not any(p.any() for p in residual_outputs)
     return new
 
 
@@ -135,15 +120,7 @@ def mslt_grow(model: Bert, n_new: int) -> Bert:
     """MSLT's growth (section 3.2): add n_new layers on top, new layer L+i = copy of old layer L-n_new+i.
     In a grouped (ALBERT, section 3.3) model n_new is a whole number of groups (the paper: one group), so
     the new group's block is a copy of the top group's block, shared by the new group's layers."""
-    L, g = model.config.n_layer, model.config.group_size
-    if not 0 < n_new <= L:
-        raise ValueError(f"mslt_grow: n_new={n_new} must be between 1 and the model's {L} layers (it copies the top n_new)")
-    if n_new % g:
-        raise ValueError(f"mslt_grow: n_new={n_new} is not a whole number of groups of {g} shared layers")
-    sources = layer_sources("mslt", L, L + n_new)
-    new = _assemble(model, sources)
-    _assert_copied(model, new, sources)
-    return new
+    return _grow(model, "mslt", model.config.n_layer + n_new)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,7 +140,8 @@ def set_trainable(model: Bert, trainable_top: Optional[int]) -> Bert:
     if not 0 < trainable_top <= c.n_layer or trainable_top % c.group_size:
         raise ValueError(f"trainable_top={trainable_top} must be a whole number of groups of {c.group_size} "
                          f"layers between 1 and {c.n_layer}")
-    for module in (*model.layers[c.n_layer - trainable_top:], model.mlm_dense, model.mlm_ln, model.nsp, model.pooler, model.final_ln):
+    output_layer = (model.mlm_dense, model.mlm_ln, model.nsp, model.pooler, model.final_ln)
+    for module in (*model.layers[c.n_layer - trainable_top:], *output_layer):
         module.requires_grad_(True)
     model.mlm_bias.requires_grad_(True)
     return model
@@ -173,7 +151,8 @@ def trainable_summary(model: Bert) -> str:
     """One line, e.g. 'trainable: layers 9,10,11 of 12 + output layer, 0.96M of 11.50M parameters'."""
     layers = [str(j) for j, layer in enumerate(model.layers) if any(p.requires_grad for p in layer.parameters())]
     trainable, total = count_parameters(model)
-    what = "everything" if trainable == total else f"layers {','.join(layers) or 'none'} of {len(model.layers)} + output layer"
+    what = "everything" if trainable == total else \
+        f"layers {','.join(layers) or 'none'} of {len(model.layers)} + output layer"
     return f"trainable: {what}, {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters"
 
 
@@ -204,20 +183,15 @@ class Schedule:
     noise_std: float = 0.03  # std of the noise on the zero maps of "identity-noise" (paper: 0.03)
 
     def __post_init__(self):
-        self.validate()
-
-    def validate(self):
         """Raise ValueError naming the stage if the schedule cannot be run, so a bad flag fails at start."""
         if not self.stages:
             raise ValueError("a schedule needs at least one stage")
         if self.noise_std < 0:
             raise ValueError(f"noise_std={self.noise_std} is negative")
-        prev = None
         for i, s in enumerate(self.stages):
-            problem = _stage_problem(s, prev, self.group_size, first=i == 0)
+            problem = _stage_problem(s, self.stages[i - 1] if i else None, self.group_size)
             if problem:
                 raise ValueError(f"schedule {self.spec()!r}, stage {i} ({s.spec()}): {problem}")
-            prev = s
 
     @property
     def total_steps(self) -> int:
@@ -226,10 +200,7 @@ class Schedule:
     @property
     def switch_steps(self) -> list[int]:
         """The steps at which stages 1, 2, ... begin, i.e. where the model grows."""
-        starts = [0]
-        for s in self.stages[:-1]:
-            starts.append(starts[-1] + s.steps)
-        return starts[1:]
+        return list(itertools.accumulate(s.steps for s in self.stages[:-1]))
 
     def stage_at(self, step: int) -> tuple[int, int]:
         """(index of the stage that optimizer step `step` (0-based) belongs to, first step of that stage).
@@ -260,44 +231,28 @@ class Schedule:
         return f"{self.method}{groups}: " + " -> ".join(one(s) for s in self.stages)
 
 
-def _stage_problem(s: Stage, prev: Optional[Stage], g: int, first: bool) -> Optional[str]:
-    """What makes stage `s` impossible after stage `prev` in a model with groups of g layers, or None."""
+def _stage_problem(s: Stage, prev: Optional[Stage], g: int) -> Optional[str]:
+    """What makes stage `s` impossible after stage `prev` (None: s is the first) with groups of g layers."""
     if s.grow not in GROWS:
         return f"unknown grow {s.grow!r}; choose one of {', '.join(GROWS)}"
-    if (s.grow == "init") != first:
+    if (s.grow == "init") != (prev is None):
         return "the first stage, and only it, is 'init'"
     if s.steps < 1 or s.n_layer < 1:
         return "depth and steps must be positive"
     if s.n_layer % g:
         return f"depth {s.n_layer} is not a multiple of group_size {g}"
     t = s.trainable_top
-    if t is not None and (first or s.grow == "retrain" or not 0 < t <= s.n_layer or t % g):
-        return f"trainable_top={t} must be None in the first and retrain stages, else whole groups of {g} in 1..{s.n_layer}"
-    if first:
-        return None
-    L, n = prev.n_layer, s.n_layer
-    if s.grow == "retrain":
-        return None if n == L else f"retrain keeps the depth {L}"
-    if n <= L:
-        return f"{s.grow} must grow the depth beyond {L}"
-    if s.grow in ("stack", "identity", "identity-noise") and g > 1:
-        return f"{s.grow} is for models without shared blocks; grouped models grow with mslt"
-    if s.grow == "stack" and n % L:
-        return f"stack needs a multiple of the previous depth {L}"
-    if s.grow == "mslt" and (n - L > L or (n - L) % g):
-        return f"mslt copies the top {n - L} layers, which needs at most {L} and whole groups of {g}"
-    return None
+    if t is not None and (prev is None or s.grow == "retrain" or not 0 < t <= s.n_layer or t % g):
+        return f"trainable_top={t} must be None in the first and retrain stages, else groups of {g} in 1..{s.n_layer}"
+    return None if prev is None else growth_problem(s.grow, prev.n_layer, s.n_layer, g)
 
 
 def _split(total: int, weights: list[int]) -> list[int]:
     """`total` split in proportion to `weights`, rounded so the parts sum to `total` exactly.
 
     _split(1000, [50, 70, 280]) == [125, 175, 700]; _split(10, [1, 1, 1]) == [3, 4, 3]."""
-    cum, bounds = 0, [0]
-    for w in weights:
-        cum += w
-        bounds.append((2 * total * cum + sum(weights)) // (2 * sum(weights)))  # round(total * cum / sum)
-    parts = [b - a for a, b in zip(bounds, bounds[1:])]
+    bounds = [(2 * total * cum + sum(weights)) // (2 * sum(weights)) for cum in itertools.accumulate([0] + weights)]
+    parts = [b - a for a, b in zip(bounds, bounds[1:])]  # bounds: round(total * cumulative weight / sum)
     if min(parts) < 1:
         raise ValueError(f"total_steps={total} is too few to split into {len(weights)} stages")
     return parts
@@ -318,10 +273,8 @@ def make_schedule(method: str, total_steps: int, n_layer: int = 12, k: int = 4, 
     if method in ("stack", "identity", "identity-noise"):
         if n_layer % 4:
             raise ValueError(f"{method}: n_layer={n_layer} must be divisible by 4 (depths n/4, n/2, n)")
-        steps = _split(total_steps, [50, 70, 280])
-        depths = [n_layer // 4, n_layer // 2, n_layer]
-        grows = ["init", method, method]
-        return Schedule(method, [Stage(*a) for a in zip(depths, steps, grows)], noise_std=noise_std)
+        depths, steps = [n_layer // 4, n_layer // 2, n_layer], _split(total_steps, [50, 70, 280])
+        return Schedule(method, [Stage(*a) for a in zip(depths, steps, ["init", method, method])], noise_std=noise_std)
     if method in ("mslt", "albert-mslt"):
         if n_layer % k:
             raise ValueError(f"{method}: n_layer={n_layer} must be divisible by k={k}")
@@ -370,7 +323,8 @@ def grow_to(model: Bert, schedule: Schedule, stage_index: int, generator: Option
     prev, stage = schedule.stages[stage_index - 1], schedule.stages[stage_index]
     if (model.config.n_layer, model.config.group_size) != (prev.n_layer, schedule.group_size):
         raise ValueError(f"grow_to stage {stage_index}: the model has {model.config.n_layer} layers in groups of "
-                         f"{model.config.group_size}, stage {stage_index - 1} has {prev.n_layer} in groups of {schedule.group_size}")
+                         f"{model.config.group_size}, stage {stage_index - 1} has {prev.n_layer} in groups of "
+                         f"{schedule.group_size}")
     if stage.grow == "stack":
         model = stack(model, stage.n_layer)
     elif stage.grow in ("identity", "identity-noise"):
@@ -385,12 +339,14 @@ if __name__ == "__main__":
         print(make_schedule(method, 1_000_000 if "mslt" in method else 400_000))  # the papers' step counts
     torch.manual_seed(0)
     ids = torch.randint(5, 1000, (2, 16))
+    config = BertConfig(vocab_size=1000, n_head=2, d_model=64, d_ff=256, pre_norm=True)
     for method in ("identity", "mslt"):
         schedule = make_schedule(method, total_steps=100)
-        model = Bert(initial_config(schedule, BertConfig(vocab_size=1000, n_head=2, d_model=64, d_ff=256, pre_norm=True))).eval()
+        model = Bert(initial_config(schedule, config)).eval()
         print(f"\n{schedule}")
         for i in range(1, len(schedule.stages)):
             before = model(ids).mlm_logits
             model = grow_to(model, schedule, i).eval()
             change = (model(ids).mlm_logits - before).abs().max().item()
-            print(f"  stage {i}: {model.config.n_layer} layers, max change in MLM logits {change:.1e}; {trainable_summary(model)}")
+            summary = trainable_summary(model)
+            print(f"  stage {i}: {model.config.n_layer} layers, max change in MLM logits {change:.1e}; {summary}")
