@@ -100,27 +100,15 @@ PRETOKEN = re.compile(f" ?[{LETTER}]+| ?[{NUMBER}]+|'(?:s|t|re|ve|m|ll|d)| ?[^{S
 SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates cannot be written as UTF-8
 
 
-def merge_pair(ids: list, pair: tuple, new_id: int) -> list:
-    """Replace every non-overlapping occurrence of `pair`, left to right. merge_pair([5, 6, 5, 6, 6], (5, 6), 9)
-    == [9, 9, 6]."""
-    out, i, n = [], 0, len(ids)
-    while i < n:
-        if i + 1 < n and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
-
-
 def learn_merges(words: dict, n_merges: int, progress=None) -> list:
     """BPE merges for `words` ({tuple of base ids: count}). Each step merges the most frequent adjacent pair;
     ties go to the smallest (left id, right id), and merging stops early when no pair occurs twice.
 
-    Never rescans the corpus: `where` indexes pair -> words containing it, and after a merge only those words
-    are re-counted. Counts live in a lazy max-heap: a merge only lowers the counts of old pairs (an entry
-    found stale on pop is re-pushed with its true count) and creates pairs with the new id, which are pushed.
+    Never rescans the corpus: `where` indexes pair -> words containing it, and merging (a, b) into n at one
+    place of a word x a b y only moves that word's count from (x, a), (a, b), (b, y) to (x, n), (n, y).
+    Occurrences are merged leftmost first, so a a a -> n a. Counts live in a lazy max-heap: a merge only
+    lowers the counts of old pairs (an entry found stale on pop is re-pushed with its true count) and
+    creates pairs with the new id, which are pushed.
     Example: {(a, b, c): 2, (a, b): 1} -> first merge (a, b), the only pair occurring 3 times.
     """
     seqs, freqs = [list(w) for w in words], list(words.values())
@@ -140,25 +128,32 @@ def learn_merges(words: dict, n_merges: int, progress=None) -> list:
             continue
         if -neg < 2:
             break
-        new_id = N_BASE + len(merges)
+        (a, b), new_id, created = pair, N_BASE + len(merges), set()
         merges.append(pair)
-        created = set()
-        for i in where.pop(pair):
-            old = seqs[i]
-            new = merge_pair(old, pair, new_id)
-            if len(new) == len(old):  # stale index entry: the pair was merged away earlier
-                continue
-            f = freqs[i]
-            for p in zip(old, old[1:]):
-                counts[p] -= f
-            for p in zip(new, new[1:]):
+        for i in where.pop(pair):  # may name words the pair has left since: nothing is found there
+            w, f, j, made = seqs[i], freqs[i], 0, []
+            while True:
+                try:
+                    j = w.index(a, j)
+                except ValueError:
+                    break
+                if j + 1 < len(w) and w[j + 1] == b:
+                    counts[pair] -= f
+                    if j:
+                        counts[w[j - 1], a] -= f
+                        made.append((w[j - 1], new_id))
+                    if j + 2 < len(w):
+                        counts[b, w[j + 2]] -= f
+                        made.append((new_id, w[j + 2]))
+                    w[j:j + 2] = (new_id,)
+                j += 1
+            for p in made:
                 counts[p] += f
-                if new_id in p:
-                    where[p].add(i)
-                    created.add(p)
-            seqs[i] = new
+                where[p].add(i)
+            created.update(made)
         for p in created:
-            heapq.heappush(heap, (-counts[p], p))
+            if counts[p] > 0:  # not merged away again in the same word (x a b a b -> x n n)
+                heapq.heappush(heap, (-counts[p], p))
         if progress and len(merges) % 2000 == 0:
             progress(f"  bpe: {len(merges)}/{n_merges} merges, last count {-neg}")
     return merges
@@ -235,13 +230,21 @@ class Tokenizer:
         return text.replace("Σ", "σ").lower() if self.lowercase else text
 
     def _encode_piece(self, piece: str) -> list:
-        """BPE on one pre-token: repeatedly apply the earliest-learned merge present."""
-        ids, ranks, never = [b + len(SPECIALS) for b in piece.encode()], self.ranks, math.inf
-        while len(ids) > 1:
-            new_id = min(ranks.get(pair, never) for pair in zip(ids, ids[1:]))  # merged id = rank
+        """BPE on one pre-token: repeatedly merge the leftmost pair of the earliest-learned merge present.
+        ranks[i] is the rank (= merged id) of the pair at i; a merge changes only its two neighbours."""
+        ids, get, never = [b + len(SPECIALS) for b in piece.encode()], self.ranks.get, math.inf
+        ranks = [get(pair, never) for pair in zip(ids, ids[1:])]
+        while ranks:
+            new_id = min(ranks)
             if new_id == never:
                 break
-            ids = merge_pair(ids, self.merges[new_id - N_BASE], new_id)
+            i = ranks.index(new_id)
+            ids[i:i + 2] = (new_id,)
+            del ranks[i]
+            if i:
+                ranks[i - 1] = get((ids[i - 1], new_id), never)
+            if i < len(ranks):
+                ranks[i] = get((new_id, ids[i + 1]), never)
         return ids
 
     def encode(self, text: str) -> list:
