@@ -905,8 +905,13 @@ def _settings(cfg: DataConfig, **more) -> dict:
 
 
 def _most_frequent(counts: Counter, n: int) -> Counter:
-    """The n most frequent pre-tokens (ties: the smaller string), independent of the order counts came in."""
-    return Counter(dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]))
+    """The n most frequent pre-tokens (ties: the smaller string), independent of the order counts came in:
+    those above the n-th largest count, then the smallest strings at that count."""
+    threshold = sorted(counts.values(), reverse=True)[n - 1]
+    kept = {piece: c for piece, c in counts.items() if c > threshold}
+    ties = sorted(piece for piece, c in counts.items() if c == threshold)
+    kept.update(dict.fromkeys(ties[:n - len(kept)], threshold))
+    return Counter(kept)
 
 
 def _count_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, progress) -> tuple:
