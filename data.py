@@ -17,8 +17,6 @@ synthetic language is used, so a bare run is a smoke test:
     python data.py --corpus ../shared/data/gutenberg ../shared/data/brown/brown.txt \\
         ../shared/data/wikitext-2-raw --out runs/data-real --vocab-size 16384
     python data.py --corpus /data/wiki_books --out runs/data-wiki --vocab-size 32768 --workers 16
-    python experiments/bench_data.py                    # tokenizer / batch speed
-    python experiments/bench_data.py --scale            # the whole build on 0.25-2 GB corpora
 """
 
 import argparse
@@ -62,18 +60,13 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------------------
 # Tokenizer: byte-level BPE
 
-# Pre-tokens as in GPT-2, on text whose whitespace is already collapsed to single spaces: a space belongs
-# to the token after it, so joining the pre-tokens gives the text back exactly, spaces included. Three kinds
-# of run: letters with their combining marks (Unicode categories L and M), numbers (N: decimal digits, but
-# also "²", "½", "Ⅻ") and everything else that is not whitespace, so every character lands in some pre-token.
-# "the cat's 2 mats!" -> ["the", " cat", "'s", " 2", " mats", "!"]
-#
-# The classes are spelled out as code-point ranges from this Python's Unicode database, never as \w, \d, \s
-# or \p{..}: those mean other things in Python's `re` (\w holds "²" and "_" but no combining marks) and in
-# the `tokenizers` library's engine (Oniguruma, with another Unicode version), and the same pattern goes
-# into the exported tokenizer.json (Tokenizer.save_hf). Compiled with `re`: `regex` reads such long classes
-# ~4x slower. findall runs at ~12 MB/s here; on ASCII text it runs the same pattern with the classes cut to
-# ASCII (A-Z a-z, 0-9), which finds the same pre-tokens there at ~25 MB/s.
+# Pre-tokens as in GPT-2, on whitespace-collapsed text: a space belongs to the token after it, so joining
+# the pre-tokens gives the text back. Runs of letters with their combining marks (Unicode L and M), of numbers
+# (N: also "²", "½", "Ⅻ"), and of anything else but whitespace. "the cat's 2 mats!" -> ["the", " cat", "'s",
+# " 2", " mats", "!"]. The classes are code-point ranges from this Python's Unicode database, never \w, \d,
+# \s or \p{..}, which mean other things in `re` and in the `tokenizers` library's engine (Oniguruma), where
+# the exported tokenizer.json runs the same pattern. `re` runs it at ~12 MB/s (`regex`: 4x slower); ASCII
+# text gets the same pattern with classes cut to ASCII, which finds the same pre-tokens at ~25 MB/s.
 
 
 def _class_ranges(runs: str, pattern: str) -> str:
@@ -191,11 +184,8 @@ def count_pretokens(texts: Iterable[str], tok) -> Counter:
 
 class Tokenizer:
     """Byte-level BPE: ids 0-4 are the specials, 5-260 the 256 byte values, then one id per learned merge.
-
-    Why bytes as the base alphabet: every string is encodable, so encode never needs [UNK] and decode
-    reproduces the normalised text exactly (the [UNK] id exists only to keep the specials' layout fixed).
-    Text from the model is decoded with U+FFFD for invalid byte sequences.
-    """
+    Bytes as the base alphabet make every string encodable: no [UNK] (its id only keeps the layout fixed),
+    and decode gives the normalised text back (U+FFFD for invalid byte sequences from a model)."""
 
     # v2: letters, marks and numbers by Unicode category (PRETOKEN), capital sigma lower-cased alike everywhere
     FORMAT, VERSION = "bert-byte-bpe", 2
@@ -215,16 +205,14 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, lowercase: bool = True, progress=False):
-        """Learn vocab_size - 261 merges from `texts` (fewer if the corpus runs out of repeated pairs).
-        Each distinct pre-token is counted once (count_pretokens), then merged by from_counts.
-        progress: False, True (print) or a print-like function."""
+        """Learn vocab_size - 261 merges from `texts` (fewer if no pair repeats). progress: False, True (print)
+        or a print-like function."""
         check_vocab_size(vocab_size)
         return cls.from_counts(count_pretokens(texts, cls([], lowercase)), vocab_size, lowercase, progress)
 
     @classmethod
     def from_counts(cls, counts: dict, vocab_size: int, lowercase: bool = True, progress=False):
-        """Learn merges from pre-token counts ({pre-token of normalized text: occurrences}), e.g. those of
-        count_pretokens or of a streaming pass over a corpus too large to hold."""
+        """Learn merges from pre-token counts ({pre-token of normalized text: occurrences})."""
         progress = print if progress is True else progress or None
         check_vocab_size(vocab_size)
         words = {tuple(b + len(SPECIALS) for b in piece.encode()): c for piece, c in counts.items()}
@@ -282,8 +270,8 @@ class Tokenizer:
 
     def to_dict(self) -> dict:
         """Plain JSON-able state (str/int/bool/list), safe inside a weights_only torch checkpoint."""
-        return {"format": self.FORMAT, "version": self.VERSION, "lowercase": self.lowercase,
-                "pretoken_pattern": self.pretoken.pattern, "specials": SPECIALS, "merges": [list(m) for m in self.merges]}
+        return {"format": self.FORMAT, "version": self.VERSION, "lowercase": self.lowercase, "specials": SPECIALS,
+                "pretoken_pattern": self.pretoken.pattern, "merges": [list(m) for m in self.merges]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Tokenizer":
@@ -328,8 +316,7 @@ class Tokenizer:
         lower = [{"type": "Replace", "pattern": {"String": "Σ"}, "content": "σ"}, {"type": "Lowercase"}]
         special = lambda name, segment: {"SpecialToken": {"id": name, "type_id": segment}}
         text = lambda name, segment: {"Sequence": {"id": name, "type_id": segment}}
-        return {
-            "version": "1.0", "truncation": None, "padding": None,
+        return {"version": "1.0", "truncation": None, "padding": None,
             "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
                               "normalized": False, "special": True} for i, s in enumerate(SPECIALS)],
             "normalizer": {"type": "Sequence", "normalizers": [
@@ -338,16 +325,15 @@ class Tokenizer:
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": self.pretoken.pattern}, "behavior": "Isolated", "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-            "post_processor": {
-                "type": "TemplateProcessing",
+            "post_processor": {"type": "TemplateProcessing",
                 "single": [special("[CLS]", 0), text("A", 0), special("[SEP]", 0)],
                 "pair": [special("[CLS]", 0), text("A", 0), special("[SEP]", 0), text("B", 1), special("[SEP]", 1)],
-                "special_tokens": {s: {"id": s, "ids": [SPECIALS.index(s)], "tokens": [s]} for s in ("[CLS]", "[SEP]")}},
+                "special_tokens": {s: {"id": s, "ids": [SPECIALS.index(s)], "tokens": [s]}
+                                   for s in ("[CLS]", "[SEP]")}},
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                      "vocab": vocab, "merges": [f"{tokens[a]} {tokens[b]}" for a, b in self.merges]},
-        }
+                      "vocab": vocab, "merges": [f"{tokens[a]} {tokens[b]}" for a, b in self.merges]}}
 
     @classmethod
     def from_hf(cls, d: dict) -> "Tokenizer":
@@ -359,7 +345,8 @@ class Tokenizer:
             lowercase = any(n["type"] == "Lowercase" for n in d["normalizer"]["normalizers"])
             tok = cls([(vocab[a], vocab[b]) for a, b in merges], lowercase, split["pattern"]["Regex"])
         except (KeyError, TypeError, ValueError, StopIteration) as e:
-            raise DataError(f"not a tokenizer.json written by data.Tokenizer.save_hf ({type(e).__name__}: {e})") from None
+            raise DataError(f"not a tokenizer.json written by data.Tokenizer.save_hf ({type(e).__name__}: {e})") \
+                from None
         if dict(zip(tok.hf_tokens(), range(tok.vocab_size))) != vocab:
             raise DataError("tokenizer.json's ids are not data.Tokenizer's layout (specials 0-4, bytes 5-260, "
                             "then one id per merge in rank order)")
@@ -370,12 +357,13 @@ class Tokenizer:
         transformers' AutoTokenizer loads as a PreTrainedTokenizerFast (inputs up to `max_length` tokens)."""
         names = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
         config = dict(tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_length, padding_side="right",
-                      clean_up_tokenization_spaces=False, model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-                      **names)
+                      clean_up_tokenization_spaces=False, **names,
+                      model_input_names=["input_ids", "token_type_ids", "attention_mask"])
         os.makedirs(directory, exist_ok=True)
         for name, d in (("tokenizer.json", self.to_hf()), ("tokenizer_config.json", config),
                         ("special_tokens_map.json", names)):
-            atomic_write(os.path.join(directory, name), lambda f: f.write(json.dumps(d, ensure_ascii=False, indent=1).encode()))
+            text = json.dumps(d, ensure_ascii=False, indent=1).encode()
+            atomic_write(os.path.join(directory, name), lambda f: f.write(text))
 
 
 def _byte_chars() -> list:
@@ -722,22 +710,16 @@ def _fingerprint(cfg: DataConfig) -> dict:
     return dict(files=files, tokenizer_file=given, **{k: getattr(cfg, k) for k in keys})
 
 
-def tokenize_documents(docs: list, tok: Tokenizer, name: str = "", progress=print) -> Split:
-    """Encode every sentence once into a Split's flat arrays, printing throughput every ~4 MB. Sentences are
-    encoded one by one, so a sentence's first word has its no-space form ("the", not " the"), as a GLUE
-    sentence's does."""
+def tokenize_documents(docs: list, tok: Tokenizer) -> Split:
+    """Encode every sentence into a Split's flat arrays. Sentences are encoded one by one, so a sentence's
+    first word has its no-space form ("the", not " the"), as a GLUE sentence's does."""
     tokens = array("H" if tok.vocab_size <= 1 << 16 else "i")
-    sent_starts, doc_starts, n_bytes, next_report, t0 = [0], [0], 0, 4e6, time.time()
-    for j, doc in enumerate(docs):
+    sent_starts, doc_starts = [0], [0]
+    for doc in docs:
         for s in doc:
             tokens.extend(tok.encode(s))
             sent_starts.append(len(tokens))
-            n_bytes += len(s.encode())
         doc_starts.append(len(sent_starts) - 1)
-        if n_bytes >= next_report or j + 1 == len(docs):
-            next_report += 4e6
-            progress(f"  tokenized {name}: {j + 1}/{len(docs)} docs, {n_bytes / 1e6:.1f} MB, "
-                     f"{n_bytes / 1e6 / max(time.time() - t0, 1e-9):.2f} MB/s")
     return Split(np.frombuffer(tokens, tokens.typecode).copy(), np.array(sent_starts, np.int64),
                  np.array(doc_starts, np.int64))
 
@@ -753,7 +735,8 @@ def _load_cache(cache_dir: str, key) -> tuple:
         tok = Tokenizer.load(os.path.join(cache_dir, "tokenizer.json"))
     except (OSError, ValueError):
         return None
-    if (header.get("format"), header.get("version")) != (CACHE_FORMAT, CACHE_VERSION) or key not in (None, header["key"]):
+    if (header.get("format"), header.get("version")) != (CACHE_FORMAT, CACHE_VERSION) \
+            or key not in (None, header["key"]):
         return None
     paths = {f"{s}.{a}": os.path.join(cache_dir, f"{s}.{a}.npy") for s in ("train", "valid") for a in SPLIT_ARRAYS}
     if tok.hash() != header["tokenizer_hash"] or any(
@@ -820,12 +803,10 @@ def _encode_chunk(chunk: Chunk) -> dict:
     """Pass 2 on one chunk: the training and validation documents as Splits (offsets from 0), and the token
     histogram of the training ones."""
     docs, _ = chunk_documents(chunk, _task["decode_errors"])
-    tok, quiet = _task["tokenizer"], (lambda *args: None)
+    tok, scored = _task["tokenizer"], _scored(docs)
     if len(tok.cache) > WORKER_CACHE:  # bounded memory: the frequent pre-tokens come back at once
         tok.cache.clear()
-    scored = _scored(docs)
-    splits = [tokenize_documents([s for _, _, s, valid in scored if valid == want], tok, progress=quiet)
-              for want in (False, True)]
+    splits = [tokenize_documents([s for _, _, s, valid in scored if valid == want], tok) for want in (False, True)]
     return dict(splits=splits, counts=np.bincount(splits[0].tokens, minlength=tok.vocab_size), size=chunk.size(),
                 docs=len(docs))
 
@@ -877,25 +858,19 @@ def _next_result(pending: deque):
 
 
 class _Meter:
-    """Progress of a pass: a line every few seconds with MB done, MB/s, documents and the pass's ETA."""
+    """Progress of a pass: a line every 5 s (and at the end) with MB done, MB/s, documents and the ETA."""
 
-    def __init__(self, what: str, total_bytes: int, progress, every: float = 5.0):
-        self.what, self.total, self.progress, self.every = what, total_bytes, progress, every
-        self.done = self.docs = 0
+    def __init__(self, what: str, total_bytes: int, progress):
+        self.what, self.total, self.progress, self.done, self.docs = what, total_bytes, progress, 0, 0
         self.t0 = self.last = time.time()
 
-    def add(self, n_bytes: int, n_docs: int):
-        self.done, self.docs = self.done + n_bytes, self.docs + n_docs
-        if time.time() - self.last >= self.every:
-            self.last = time.time()
-            self.show()
-
-    def show(self):
-        elapsed = max(time.time() - self.t0, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate else 0
-        self.progress(f"  {self.what}: {self.done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB, {rate / 1e6:.2f} MB/s, "
-                      f"{self.docs:,} documents, {elapsed:.0f} s, ETA {max(eta, 0):.0f} s")
+    def add(self, n_bytes: int, n_docs: int, end: bool = False):
+        self.done, self.docs, now = self.done + n_bytes, self.docs + n_docs, time.time()
+        if end or now - self.last >= 5:
+            self.last, rate = now, self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate else 0
+            self.progress(f"  {self.what}: {self.done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB, {rate / 1e6:.2f} MB/s, "
+                          f"{self.docs:,} documents, {now - self.t0:.0f} s, ETA {max(eta, 0):.0f} s")
 
 
 def _settings(cfg: DataConfig, **more) -> dict:
@@ -916,12 +891,10 @@ def _most_frequent(counts: Counter, n: int) -> Counter:
 
 def _count_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, progress) -> tuple:
     """(pre-token counts of the training documents, report, keys of documents moved to validation).
-
-    The split: a document is for validation when its split_score is below valid_fraction, and if that gives
-    fewer than 2 documents, the training documents of lowest score make up 2 (their counts are taken back).
-    The count table is kept to the cfg.max_pretokens most frequent pre-tokens: when it reaches twice that,
-    the rarer ones are dropped, so memory stays bounded while distinct words keep growing with the corpus.
-    Below that size the counts are exact."""
+    A document is for validation when its split_score is below valid_fraction; if that gives fewer than 2,
+    the training documents of lowest score make up 2 (their counts are taken back). The count table keeps the
+    cfg.max_pretokens most frequent pre-tokens, trimmed when it reaches twice that: bounded memory while
+    distinct words grow with the corpus. Below that size the counts are exact."""
     report, counts, spare, n_valid = Counter(documents=0, sentences=0, skipped_short_documents=0), Counter(), [], 0
     meter = _Meter("pass 1/2, read + count", total, progress)
     settings = _settings(cfg, count=not cfg.tokenizer)
@@ -933,7 +906,7 @@ def _count_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, progres
             counts = _most_frequent(counts, cfg.max_pretokens)
         spare = heapq.nsmallest(2, spare + r["spare"], key=lambda t: t[:2])
         meter.add(r["size"], r["report"]["documents"])
-    meter.show()
+    meter.add(0, 0, end=True)
     moved = spare[:max(0, 2 - n_valid)]
     for _, _, c in moved:
         counts.subtract(c)
@@ -988,7 +961,8 @@ def _encode_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, tok: T
     """Encode every chunk (in workers) and append its arrays to the cache's .npy files in corpus order;
     (file sizes, token histogram of the train split)."""
     token_dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32
-    writers = {f"{s}.{a}": _ArrayWriter(os.path.join(cfg.cache_dir, f"{s}.{a}.npy"), token_dtype if a == "tokens" else np.int64)
+    writers = {f"{s}.{a}": _ArrayWriter(os.path.join(cfg.cache_dir, f"{s}.{a}.npy"),
+                                        token_dtype if a == "tokens" else np.int64)
                for s in ("train", "valid") for a in SPLIT_ARRAYS}
     settings = _settings(cfg, tokenizer=os.path.join(cfg.cache_dir, "tokenizer.json"), tokenizer_hash=tok.hash(),
                          extra_valid=extra_valid)  # the hash tells rebuilds into the same folder apart
@@ -1005,7 +979,7 @@ def _encode_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, tok: T
                 writers[f"{s}.doc_starts"].append(split.doc_starts[1:] + n_sentences)
             counts += r["counts"]
             meter.add(r["size"], r["docs"])
-        meter.show()
+        meter.add(0, 0, end=True)
         return {name: w.close() for name, w in writers.items()}, counts
     except BaseException:
         for w in writers.values():
@@ -1104,7 +1078,8 @@ def prepare(cfg: DataConfig, progress=print) -> Prepared:
     if cfg.seq_len < 8:
         raise DataError(f"seq_len={cfg.seq_len} is too short: [CLS] A [SEP] B [SEP] needs at least 8")
     if cfg.decode_errors not in ("strict", "replace") or cfg.layout not in ("auto", "lines", "book"):
-        raise DataError(f"decode_errors={cfg.decode_errors!r} (strict|replace), layout={cfg.layout!r} (auto|lines|book)")
+        raise DataError(f"decode_errors={cfg.decode_errors!r} (strict|replace), "
+                        f"layout={cfg.layout!r} (auto|lines|book)")
     if cfg.workers < 0:
         raise DataError(f"workers={cfg.workers}: give a number of processes, or 0 for every core")
     if not cfg.tokenizer:

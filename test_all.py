@@ -951,7 +951,7 @@ def test_torchrun_waits_for_a_build_longer_than_the_process_group_timeout(tmp_pa
 def synthetic_split():
     docs = data.synthetic_corpus(seed=0, n_docs=300)
     tok = data.Tokenizer.train([s for d in docs for s in d], 600)
-    return tok, data.tokenize_documents(docs, tok, progress=data_quiet)
+    return tok, data.tokenize_documents(docs, tok)
 
 
 def batch_seps(batch):
