@@ -101,13 +101,36 @@ ASCII_PRETOKEN = re.compile(_pretoken_pattern(*(_class_ranges("".join(map(chr, r
 SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates cannot be written as UTF-8
 
 
+def _merge_in_word(w: list, pair: tuple, new_id: int, f: int, counts: dict) -> list:
+    """Merge `pair` in word `w` in place, leftmost occurrence first (a a a -> n a). At each occurrence,
+    x a b y -> x n y, the word's count f moves from (x, a), (a, b), (b, y) to (x, n), (n, y); returns those."""
+    made, j = [], 0
+    while True:
+        try:
+            j = w.index(pair[0], j)
+        except ValueError:
+            break
+        if j + 1 < len(w) and w[j + 1] == pair[1]:
+            counts[pair] -= f
+            if j:
+                counts[w[j - 1], pair[0]] -= f
+                made.append((w[j - 1], new_id))
+            if j + 2 < len(w):
+                counts[pair[1], w[j + 2]] -= f
+                made.append((new_id, w[j + 2]))
+            w[j:j + 2] = (new_id,)
+        j += 1
+    for p in made:
+        counts[p] += f
+    return made
+
+
 def learn_merges(words: dict, n_merges: int, progress=None) -> list:
     """BPE merges for `words` ({tuple of base ids: count}). Each step merges the most frequent adjacent pair;
     ties go to the smallest (left id, right id), and merging stops early when no pair occurs twice.
 
-    Never rescans the corpus: `where` indexes pair -> words containing it, and merging (a, b) into n at one
-    place of a word x a b y only moves that word's count from (x, a), (a, b), (b, y) to (x, n), (n, y).
-    Occurrences are merged leftmost first, so a a a -> n a. Counts live in a lazy max-heap: a merge only
+    Never rescans the corpus: `where` indexes pair -> words containing it, and a merge only moves counts
+    between the pairs around each occurrence (_merge_in_word). Counts live in a lazy max-heap: a merge only
     lowers the counts of old pairs (an entry found stale on pop is re-pushed with its true count) and
     creates pairs with the new id, which are pushed.
     Example: {(a, b, c): 2, (a, b): 1} -> first merge (a, b), the only pair occurring 3 times.
@@ -129,27 +152,11 @@ def learn_merges(words: dict, n_merges: int, progress=None) -> list:
             continue
         if -neg < 2:
             break
-        (a, b), new_id, created = pair, N_BASE + len(merges), set()
+        new_id, created = N_BASE + len(merges), set()
         merges.append(pair)
         for i in where.pop(pair):  # may name words the pair has left since: nothing is found there
-            w, f, j, made = seqs[i], freqs[i], 0, []
-            while True:
-                try:
-                    j = w.index(a, j)
-                except ValueError:
-                    break
-                if j + 1 < len(w) and w[j + 1] == b:
-                    counts[pair] -= f
-                    if j:
-                        counts[w[j - 1], a] -= f
-                        made.append((w[j - 1], new_id))
-                    if j + 2 < len(w):
-                        counts[b, w[j + 2]] -= f
-                        made.append((new_id, w[j + 2]))
-                    w[j:j + 2] = (new_id,)
-                j += 1
+            made = _merge_in_word(seqs[i], pair, new_id, freqs[i], counts)
             for p in made:
-                counts[p] += f
                 where[p].add(i)
             created.update(made)
         for p in created:
