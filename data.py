@@ -277,8 +277,9 @@ class Tokenizer:
 
     def to_dict(self) -> dict:
         """Plain JSON-able state (str/int/bool/list), safe inside a weights_only torch checkpoint."""
-        return {"format": self.FORMAT, "version": self.VERSION, "lowercase": self.lowercase, "specials": SPECIALS,
-                "pretoken_pattern": self.pretoken.pattern, "merges": [list(m) for m in self.merges]}
+        return {"format": self.FORMAT, "version": self.VERSION, "lowercase": self.lowercase,
+                "pretoken_pattern": self.pretoken.pattern, "specials": SPECIALS,
+                "merges": [list(m) for m in self.merges]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Tokenizer":
@@ -364,8 +365,8 @@ class Tokenizer:
         transformers' AutoTokenizer loads as a PreTrainedTokenizerFast (inputs up to `max_length` tokens)."""
         names = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
         config = dict(tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_length, padding_side="right",
-                      clean_up_tokenization_spaces=False, **names,
-                      model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+                      clean_up_tokenization_spaces=False,
+                      model_input_names=["input_ids", "token_type_ids", "attention_mask"], **names)
         os.makedirs(directory, exist_ok=True)
         for name, d in (("tokenizer.json", self.to_hf()), ("tokenizer_config.json", config),
                         ("special_tokens_map.json", names)):
