@@ -91,6 +91,7 @@ def _unicode_classes() -> tuple:
 
 
 def _pretoken_pattern(letter: str, number: str) -> str:
+    """The pre-token pattern over these letter and number class bodies (whitespace is SPACE)."""
     return f" ?[{letter}]+| ?[{number}]+|'(?:s|t|re|ve|m|ll|d)| ?[^{SPACE}{letter}{number}]+"
 
 
@@ -173,7 +174,7 @@ def check_vocab_size(vocab_size: int):
         raise DataError(f"vocab_size={vocab_size} is too small: at least {N_BASE} (5 specials + 256 bytes)")
 
 
-def count_pretokens(texts: Iterable[str], tok) -> Counter:
+def count_pretokens(texts: Iterable[str], tok: "Tokenizer") -> Counter:
     """Occurrences of each pre-token of the texts, normalized by `tok`: a Counter over tok.pretokens of 10k
     texts at a time, ASCII ones apart ("\\n" is in no pre-token, so joining texts with it keeps them apart)."""
     counts, batches = Counter(), ([], [])
