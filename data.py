@@ -17,8 +17,6 @@ synthetic language is used, so a bare run is a smoke test:
     python data.py --corpus ../shared/data/gutenberg ../shared/data/brown/brown.txt \\
         ../shared/data/wikitext-2-raw --out runs/data-real --vocab-size 16384
     python data.py --corpus /data/wiki_books --out runs/data-wiki --vocab-size 32768 --workers 16
-    python experiments/bench_data.py                    # tokenizer / batch speed
-    python experiments/bench_data.py --scale            # the whole build on 0.25-2 GB corpora
 """
 
 import argparse
@@ -41,6 +39,7 @@ from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -61,17 +60,13 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------------------
 # Tokenizer: byte-level BPE
 
-# Pre-tokens as in GPT-2, on text whose whitespace is already collapsed to single spaces: a space belongs
-# to the token after it, so joining the pre-tokens gives the text back exactly, spaces included. Three kinds
-# of run: letters with their combining marks (Unicode categories L and M), numbers (N: decimal digits, but
-# also "²", "½", "Ⅻ") and everything else that is not whitespace, so every character lands in some pre-token.
-# "the cat's 2 mats!" -> ["the", " cat", "'s", " 2", " mats", "!"]
-#
-# The classes are spelled out as code-point ranges from this Python's Unicode database, never as \w, \d, \s
-# or \p{..}: those mean other things in Python's `re` (\w holds "²" and "_" but no combining marks) and in
-# the `tokenizers` library's engine (Oniguruma, with another Unicode version), and the same pattern goes
-# into the exported tokenizer.json (Tokenizer.save_hf). Compiled with `re`: `regex` reads such long classes
-# ~4x slower. findall runs at ~17 MB/s here (28 with the \w classes of v1); the pre-token cache hides that.
+# Pre-tokens as in GPT-2, on whitespace-collapsed text: a space belongs to the token after it, so joining
+# the pre-tokens gives the text back. Runs of letters with their combining marks (Unicode L and M), of numbers
+# (N: also "²", "½", "Ⅻ"), and of anything else but whitespace. "the cat's 2 mats!" -> ["the", " cat", "'s",
+# " 2", " mats", "!"]. The classes are code-point ranges from this Python's Unicode database, never \w, \d,
+# \s or \p{..}, which mean other things in `re` and in the `tokenizers` library's engine (Oniguruma), where
+# the exported tokenizer.json runs the same pattern. `re` runs it at ~12 MB/s (`regex`: 4x slower); ASCII
+# text gets the same pattern with classes cut to ASCII, which finds the same pre-tokens at ~25 MB/s.
 
 
 def _class_ranges(runs: str, pattern: str) -> str:
@@ -95,32 +90,50 @@ def _unicode_classes() -> tuple:
             _class_ranges(kinds, "N(?:[N?]*N)?"))
 
 
+def _pretoken_pattern(letter: str, number: str) -> str:
+    """The pre-token pattern over these letter and number class bodies (whitespace is SPACE)."""
+    return f" ?[{letter}]+| ?[{number}]+|'(?:s|t|re|ve|m|ll|d)| ?[^{SPACE}{letter}{number}]+"
+
+
 SPACE, LETTER, NUMBER = _unicode_classes()
-PRETOKEN = re.compile(f" ?[{LETTER}]+| ?[{NUMBER}]+|'(?:s|t|re|ve|m|ll|d)| ?[^{SPACE}{LETTER}{NUMBER}]+")
+PRETOKEN = re.compile(_pretoken_pattern(LETTER, NUMBER))
+ASCII_PRETOKEN = re.compile(_pretoken_pattern(*(_class_ranges("".join(map(chr, range(128))), f"[{c}]+")
+                                               for c in (LETTER, NUMBER))))
 SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates cannot be written as UTF-8
 
 
-def merge_pair(ids: list, pair: tuple, new_id: int) -> list:
-    """Replace every non-overlapping occurrence of `pair`, left to right. merge_pair([5, 6, 5, 6, 6], (5, 6), 9)
-    == [9, 9, 6]."""
-    out, i, n = [], 0, len(ids)
-    while i < n:
-        if i + 1 < n and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
+def _merge_in_word(w: list, pair: tuple, new_id: int, f: int, counts: dict) -> list:
+    """Merge `pair` in word `w` in place, leftmost occurrence first (a a a -> n a). At each occurrence,
+    x a b y -> x n y, the word's count f moves from (x, a), (a, b), (b, y) to (x, n), (n, y); returns those."""
+    made, j = [], 0
+    while True:
+        try:
+            j = w.index(pair[0], j)
+        except ValueError:
+            break
+        if j + 1 < len(w) and w[j + 1] == pair[1]:
+            counts[pair] -= f
+            if j:
+                counts[w[j - 1], pair[0]] -= f
+                made.append((w[j - 1], new_id))
+            if j + 2 < len(w):
+                counts[pair[1], w[j + 2]] -= f
+                made.append((new_id, w[j + 2]))
+            w[j:j + 2] = (new_id,)
+        j += 1
+    for p in made:
+        counts[p] += f
+    return made
 
 
 def learn_merges(words: dict, n_merges: int, progress=None) -> list:
     """BPE merges for `words` ({tuple of base ids: count}). Each step merges the most frequent adjacent pair;
     ties go to the smallest (left id, right id), and merging stops early when no pair occurs twice.
 
-    Never rescans the corpus: `where` indexes pair -> words containing it, and after a merge only those words
-    are re-counted. Counts live in a lazy max-heap: a merge only lowers the counts of old pairs (an entry
-    found stale on pop is re-pushed with its true count) and creates pairs with the new id, which are pushed.
+    Never rescans the corpus: `where` indexes pair -> words containing it, and a merge only moves counts
+    between the pairs around each occurrence (_merge_in_word). Counts live in a lazy max-heap: a merge only
+    lowers the counts of old pairs (an entry found stale on pop is re-pushed with its true count) and
+    creates pairs with the new id, which are pushed.
     Example: {(a, b, c): 2, (a, b): 1} -> first merge (a, b), the only pair occurring 3 times.
     """
     seqs, freqs = [list(w) for w in words], list(words.values())
@@ -140,25 +153,16 @@ def learn_merges(words: dict, n_merges: int, progress=None) -> list:
             continue
         if -neg < 2:
             break
-        new_id = N_BASE + len(merges)
+        new_id, created = N_BASE + len(merges), set()
         merges.append(pair)
-        created = set()
-        for i in where.pop(pair):
-            old = seqs[i]
-            new = merge_pair(old, pair, new_id)
-            if len(new) == len(old):  # stale index entry: the pair was merged away earlier
-                continue
-            f = freqs[i]
-            for p in zip(old, old[1:]):
-                counts[p] -= f
-            for p in zip(new, new[1:]):
-                counts[p] += f
-                if new_id in p:
-                    where[p].add(i)
-                    created.add(p)
-            seqs[i] = new
+        for i in where.pop(pair):  # may name words the pair has left since: nothing is found there
+            made = _merge_in_word(seqs[i], pair, new_id, freqs[i], counts)
+            for p in made:
+                where[p].add(i)
+            created.update(made)
         for p in created:
-            heapq.heappush(heap, (-counts[p], p))
+            if counts[p] > 0:  # not merged away again in the same word (x a b a b -> x n n)
+                heapq.heappush(heap, (-counts[p], p))
         if progress and len(merges) % 2000 == 0:
             progress(f"  bpe: {len(merges)}/{n_merges} merges, last count {-neg}")
     return merges
@@ -170,26 +174,26 @@ def check_vocab_size(vocab_size: int):
         raise DataError(f"vocab_size={vocab_size} is too small: at least {N_BASE} (5 specials + 256 bytes)")
 
 
-def count_pretokens(texts: Iterable[str], normalize) -> Counter:
-    """Occurrences of each pre-token of the `normalize`d texts: a Counter over PRETOKEN.findall of 10k
-    texts at a time ("\\n" is in no pre-token, so joining texts with it keeps them apart)."""
-    counts, chunk = Counter(), []
+def count_pretokens(texts: Iterable[str], tok: "Tokenizer") -> Counter:
+    """Occurrences of each pre-token of the texts, normalized by `tok`: a Counter over tok.pretokens of 10k
+    texts at a time, ASCII ones apart ("\\n" is in no pre-token, so joining texts with it keeps them apart)."""
+    counts, batches = Counter(), ([], [])
     for text in texts:
-        chunk.append(normalize(text))
-        if len(chunk) >= 10_000:
-            counts.update(PRETOKEN.findall("\n".join(chunk)))
-            chunk = []
-    counts.update(PRETOKEN.findall("\n".join(chunk)))
+        text = tok.normalize(text)
+        batch = batches[text.isascii()]
+        batch.append(text)
+        if len(batch) >= 10_000:
+            counts.update(tok.pretokens("\n".join(batch)))
+            batch.clear()
+    for batch in batches:
+        counts.update(tok.pretokens("\n".join(batch)))
     return counts
 
 
 class Tokenizer:
     """Byte-level BPE: ids 0-4 are the specials, 5-260 the 256 byte values, then one id per learned merge.
-
-    Why bytes as the base alphabet: every string is encodable, so encode never needs [UNK] and decode
-    reproduces the normalised text exactly (the [UNK] id exists only to keep the specials' layout fixed).
-    Text from the model is decoded with U+FFFD for invalid byte sequences.
-    """
+    Bytes as the base alphabet make every string encodable: no [UNK] (its id only keeps the layout fixed),
+    and decode gives the normalised text back (U+FFFD for invalid byte sequences from a model)."""
 
     # v2: letters, marks and numbers by Unicode category (PRETOKEN), capital sigma lower-cased alike everywhere
     FORMAT, VERSION = "bert-byte-bpe", 2
@@ -199,6 +203,7 @@ class Tokenizer:
         self.merges = [tuple(m) for m in merges]
         self.lowercase = lowercase
         self.pretoken = re.compile(pretoken)  # a saved tokenizer keeps its own classes under another Unicode version
+        self.ascii_pretoken = ASCII_PRETOKEN if pretoken == PRETOKEN.pattern else self.pretoken
         self.ranks = {pair: N_BASE + i for i, pair in enumerate(self.merges)}  # pair -> merged id (= rank)
         self.pieces = [s.encode() for s in SPECIALS] + [bytes([b]) for b in range(256)]
         for a, b in self.merges:
@@ -208,16 +213,14 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, lowercase: bool = True, progress=False):
-        """Learn vocab_size - 261 merges from `texts` (fewer if the corpus runs out of repeated pairs).
-        Each distinct pre-token is counted once (count_pretokens), then merged by from_counts.
-        progress: False, True (print) or a print-like function."""
+        """Learn vocab_size - 261 merges from `texts` (fewer if no pair repeats). progress: False, True (print)
+        or a print-like function."""
         check_vocab_size(vocab_size)
-        return cls.from_counts(count_pretokens(texts, cls([], lowercase).normalize), vocab_size, lowercase, progress)
+        return cls.from_counts(count_pretokens(texts, cls([], lowercase)), vocab_size, lowercase, progress)
 
     @classmethod
     def from_counts(cls, counts: dict, vocab_size: int, lowercase: bool = True, progress=False):
-        """Learn merges from pre-token counts ({pre-token of normalized text: occurrences}), e.g. those of
-        count_pretokens or of a streaming pass over a corpus too large to hold."""
+        """Learn merges from pre-token counts ({pre-token of normalized text: occurrences})."""
         progress = print if progress is True else progress or None
         check_vocab_size(vocab_size)
         words = {tuple(b + len(SPECIALS) for b in piece.encode()): c for piece, c in counts.items()}
@@ -235,27 +238,39 @@ class Tokenizer:
         return text.replace("Σ", "σ").lower() if self.lowercase else text
 
     def _encode_piece(self, piece: str) -> list:
-        """BPE on one pre-token: repeatedly apply the earliest-learned merge present."""
-        ids, ranks, never = [b + len(SPECIALS) for b in piece.encode()], self.ranks, math.inf
-        while len(ids) > 1:
-            new_id = min(ranks.get(pair, never) for pair in zip(ids, ids[1:]))  # merged id = rank
+        """BPE on one pre-token: repeatedly merge the leftmost pair of the earliest-learned merge present.
+        ranks[i] is the rank (= merged id) of the pair at i; a merge changes only its two neighbours."""
+        ids, get, never = [b + len(SPECIALS) for b in piece.encode()], self.ranks.get, math.inf
+        ranks = [get(pair, never) for pair in zip(ids, ids[1:])]
+        while ranks:
+            new_id = min(ranks)
             if new_id == never:
                 break
-            ids = merge_pair(ids, self.merges[new_id - N_BASE], new_id)
+            i = ranks.index(new_id)
+            ids[i:i + 2] = (new_id,)
+            del ranks[i]
+            if i:
+                ranks[i - 1] = get((ids[i - 1], new_id), never)
+            if i < len(ranks):
+                ranks[i] = get((new_id, ids[i + 1]), never)
         return ids
+
+    def pretokens(self, text: str) -> list:
+        """The pre-tokens of normalized text; ASCII text by ASCII_PRETOKEN, which finds the same ones faster."""
+        return (self.ascii_pretoken if text.isascii() else self.pretoken).findall(text)
 
     def encode(self, text: str) -> list:
         """Token ids of `text` (no specials added). Never fails: any string is a byte sequence."""
-        pieces, cache = self.pretoken.findall(self.normalize(text)), self.cache
+        pieces, cache = self.pretokens(self.normalize(text)), self.cache
         try:
-            return [i for piece in pieces for i in cache[piece]]
+            return list(chain.from_iterable(map(cache.__getitem__, pieces)))
         except KeyError:  # unseen pre-tokens: merge them once, then look up again
             if len(cache) > 1_000_000:  # bound memory on adversarial input
                 cache.clear()
             for piece in pieces:
                 if piece not in cache:
                     cache[piece] = self._encode_piece(piece)
-            return [i for piece in pieces for i in cache[piece]]
+            return list(chain.from_iterable(map(cache.__getitem__, pieces)))
 
     def decode(self, ids) -> str:
         """Text of `ids`; specials appear by name ("[MASK]"). decode(encode(t)) == normalize(t)."""
@@ -264,7 +279,8 @@ class Tokenizer:
     def to_dict(self) -> dict:
         """Plain JSON-able state (str/int/bool/list), safe inside a weights_only torch checkpoint."""
         return {"format": self.FORMAT, "version": self.VERSION, "lowercase": self.lowercase,
-                "pretoken_pattern": self.pretoken.pattern, "specials": SPECIALS, "merges": [list(m) for m in self.merges]}
+                "pretoken_pattern": self.pretoken.pattern, "specials": SPECIALS,
+                "merges": [list(m) for m in self.merges]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Tokenizer":
@@ -309,8 +325,7 @@ class Tokenizer:
         lower = [{"type": "Replace", "pattern": {"String": "Σ"}, "content": "σ"}, {"type": "Lowercase"}]
         special = lambda name, segment: {"SpecialToken": {"id": name, "type_id": segment}}
         text = lambda name, segment: {"Sequence": {"id": name, "type_id": segment}}
-        return {
-            "version": "1.0", "truncation": None, "padding": None,
+        return {"version": "1.0", "truncation": None, "padding": None,
             "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
                               "normalized": False, "special": True} for i, s in enumerate(SPECIALS)],
             "normalizer": {"type": "Sequence", "normalizers": [
@@ -319,16 +334,15 @@ class Tokenizer:
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": self.pretoken.pattern}, "behavior": "Isolated", "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-            "post_processor": {
-                "type": "TemplateProcessing",
+            "post_processor": {"type": "TemplateProcessing",
                 "single": [special("[CLS]", 0), text("A", 0), special("[SEP]", 0)],
                 "pair": [special("[CLS]", 0), text("A", 0), special("[SEP]", 0), text("B", 1), special("[SEP]", 1)],
-                "special_tokens": {s: {"id": s, "ids": [SPECIALS.index(s)], "tokens": [s]} for s in ("[CLS]", "[SEP]")}},
+                "special_tokens": {s: {"id": s, "ids": [SPECIALS.index(s)], "tokens": [s]}
+                                   for s in ("[CLS]", "[SEP]")}},
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                      "vocab": vocab, "merges": [f"{tokens[a]} {tokens[b]}" for a, b in self.merges]},
-        }
+                      "vocab": vocab, "merges": [f"{tokens[a]} {tokens[b]}" for a, b in self.merges]}}
 
     @classmethod
     def from_hf(cls, d: dict) -> "Tokenizer":
@@ -340,7 +354,8 @@ class Tokenizer:
             lowercase = any(n["type"] == "Lowercase" for n in d["normalizer"]["normalizers"])
             tok = cls([(vocab[a], vocab[b]) for a, b in merges], lowercase, split["pattern"]["Regex"])
         except (KeyError, TypeError, ValueError, StopIteration) as e:
-            raise DataError(f"not a tokenizer.json written by data.Tokenizer.save_hf ({type(e).__name__}: {e})") from None
+            raise DataError(f"not a tokenizer.json written by data.Tokenizer.save_hf ({type(e).__name__}: {e})") \
+                from None
         if dict(zip(tok.hf_tokens(), range(tok.vocab_size))) != vocab:
             raise DataError("tokenizer.json's ids are not data.Tokenizer's layout (specials 0-4, bytes 5-260, "
                             "then one id per merge in rank order)")
@@ -351,12 +366,13 @@ class Tokenizer:
         transformers' AutoTokenizer loads as a PreTrainedTokenizerFast (inputs up to `max_length` tokens)."""
         names = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
         config = dict(tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_length, padding_side="right",
-                      clean_up_tokenization_spaces=False, model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-                      **names)
+                      clean_up_tokenization_spaces=False,
+                      model_input_names=["input_ids", "token_type_ids", "attention_mask"], **names)
         os.makedirs(directory, exist_ok=True)
         for name, d in (("tokenizer.json", self.to_hf()), ("tokenizer_config.json", config),
                         ("special_tokens_map.json", names)):
-            atomic_write(os.path.join(directory, name), lambda f: f.write(json.dumps(d, ensure_ascii=False, indent=1).encode()))
+            text = json.dumps(d, ensure_ascii=False, indent=1).encode()
+            atomic_write(os.path.join(directory, name), lambda f: f.write(text))
 
 
 def _byte_chars() -> list:
@@ -703,22 +719,16 @@ def _fingerprint(cfg: DataConfig) -> dict:
     return dict(files=files, tokenizer_file=given, **{k: getattr(cfg, k) for k in keys})
 
 
-def tokenize_documents(docs: list, tok: Tokenizer, name: str = "", progress=print) -> Split:
-    """Encode every sentence once into a Split's flat arrays, printing throughput every ~4 MB. Sentences are
-    encoded one by one, so a sentence's first word has its no-space form ("the", not " the"), as a GLUE
-    sentence's does."""
+def tokenize_documents(docs: list, tok: Tokenizer) -> Split:
+    """Encode every sentence into a Split's flat arrays. Sentences are encoded one by one, so a sentence's
+    first word has its no-space form ("the", not " the"), as a GLUE sentence's does."""
     tokens = array("H" if tok.vocab_size <= 1 << 16 else "i")
-    sent_starts, doc_starts, n_bytes, next_report, t0 = [0], [0], 0, 4e6, time.time()
-    for j, doc in enumerate(docs):
+    sent_starts, doc_starts = [0], [0]
+    for doc in docs:
         for s in doc:
             tokens.extend(tok.encode(s))
             sent_starts.append(len(tokens))
-            n_bytes += len(s.encode())
         doc_starts.append(len(sent_starts) - 1)
-        if n_bytes >= next_report or j + 1 == len(docs):
-            next_report += 4e6
-            progress(f"  tokenized {name}: {j + 1}/{len(docs)} docs, {n_bytes / 1e6:.1f} MB, "
-                     f"{n_bytes / 1e6 / max(time.time() - t0, 1e-9):.2f} MB/s")
     return Split(np.frombuffer(tokens, tokens.typecode).copy(), np.array(sent_starts, np.int64),
                  np.array(doc_starts, np.int64))
 
@@ -734,7 +744,8 @@ def _load_cache(cache_dir: str, key) -> tuple:
         tok = Tokenizer.load(os.path.join(cache_dir, "tokenizer.json"))
     except (OSError, ValueError):
         return None
-    if (header.get("format"), header.get("version")) != (CACHE_FORMAT, CACHE_VERSION) or key not in (None, header["key"]):
+    if (header.get("format"), header.get("version")) != (CACHE_FORMAT, CACHE_VERSION) \
+            or key not in (None, header["key"]):
         return None
     paths = {f"{s}.{a}": os.path.join(cache_dir, f"{s}.{a}.npy") for s in ("train", "valid") for a in SPLIT_ARRAYS}
     if tok.hash() != header["tokenizer_hash"] or any(
@@ -790,8 +801,8 @@ def _count_chunk(chunk: Chunk) -> dict:
     and the two training documents of lowest split score with their counts (see _count_pass)."""
     docs, report = chunk_documents(chunk, _task["decode_errors"])
     train = [(score, key, sentences) for score, key, sentences, valid in _scored(docs) if not valid]
-    normalize = _task["tokenizer"].normalize
-    count = (lambda texts: count_pretokens(texts, normalize)) if _task["count"] else (lambda texts: Counter())
+    tok = _task["tokenizer"]
+    count = (lambda texts: count_pretokens(texts, tok)) if _task["count"] else (lambda texts: Counter())
     spare = [(score, key, count(sentences)) for score, key, sentences in heapq.nsmallest(2, train)]
     return dict(report=report, n_valid=len(docs) - len(train), spare=spare, size=chunk.size(),
                 counts=count(s for _, _, sentences in train for s in sentences))
@@ -801,12 +812,10 @@ def _encode_chunk(chunk: Chunk) -> dict:
     """Pass 2 on one chunk: the training and validation documents as Splits (offsets from 0), and the token
     histogram of the training ones."""
     docs, _ = chunk_documents(chunk, _task["decode_errors"])
-    tok, quiet = _task["tokenizer"], (lambda *args: None)
+    tok, scored = _task["tokenizer"], _scored(docs)
     if len(tok.cache) > WORKER_CACHE:  # bounded memory: the frequent pre-tokens come back at once
         tok.cache.clear()
-    scored = _scored(docs)
-    splits = [tokenize_documents([s for _, _, s, valid in scored if valid == want], tok, progress=quiet)
-              for want in (False, True)]
+    splits = [tokenize_documents([s for _, _, s, valid in scored if valid == want], tok) for want in (False, True)]
     return dict(splits=splits, counts=np.bincount(splits[0].tokens, minlength=tok.vocab_size), size=chunk.size(),
                 docs=len(docs))
 
@@ -858,25 +867,19 @@ def _next_result(pending: deque):
 
 
 class _Meter:
-    """Progress of a pass: a line every few seconds with MB done, MB/s, documents and the pass's ETA."""
+    """Progress of a pass: a line every 5 s (and at the end) with MB done, MB/s, documents and the ETA."""
 
-    def __init__(self, what: str, total_bytes: int, progress, every: float = 5.0):
-        self.what, self.total, self.progress, self.every = what, total_bytes, progress, every
-        self.done = self.docs = 0
+    def __init__(self, what: str, total_bytes: int, progress):
+        self.what, self.total, self.progress, self.done, self.docs = what, total_bytes, progress, 0, 0
         self.t0 = self.last = time.time()
 
-    def add(self, n_bytes: int, n_docs: int):
-        self.done, self.docs = self.done + n_bytes, self.docs + n_docs
-        if time.time() - self.last >= self.every:
-            self.last = time.time()
-            self.show()
-
-    def show(self):
-        elapsed = max(time.time() - self.t0, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate else 0
-        self.progress(f"  {self.what}: {self.done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB, {rate / 1e6:.2f} MB/s, "
-                      f"{self.docs:,} documents, {elapsed:.0f} s, ETA {max(eta, 0):.0f} s")
+    def add(self, n_bytes: int, n_docs: int, end: bool = False):
+        self.done, self.docs, now = self.done + n_bytes, self.docs + n_docs, time.time()
+        if end or now - self.last >= 5:
+            self.last, rate = now, self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate else 0
+            self.progress(f"  {self.what}: {self.done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB, {rate / 1e6:.2f} MB/s, "
+                          f"{self.docs:,} documents, {now - self.t0:.0f} s, ETA {max(eta, 0):.0f} s")
 
 
 def _settings(cfg: DataConfig, **more) -> dict:
@@ -886,18 +889,21 @@ def _settings(cfg: DataConfig, **more) -> dict:
 
 
 def _most_frequent(counts: Counter, n: int) -> Counter:
-    """The n most frequent pre-tokens (ties: the smaller string), independent of the order counts came in."""
-    return Counter(dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]))
+    """The n most frequent pre-tokens (ties: the smaller string), independent of the order counts came in:
+    those above the n-th largest count, then the smallest strings at that count."""
+    threshold = sorted(counts.values(), reverse=True)[n - 1]
+    kept = {piece: c for piece, c in counts.items() if c > threshold}
+    ties = sorted(piece for piece, c in counts.items() if c == threshold)
+    kept.update(dict.fromkeys(ties[:n - len(kept)], threshold))
+    return Counter(kept)
 
 
 def _count_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, progress) -> tuple:
     """(pre-token counts of the training documents, report, keys of documents moved to validation).
-
-    The split: a document is for validation when its split_score is below valid_fraction, and if that gives
-    fewer than 2 documents, the training documents of lowest score make up 2 (their counts are taken back).
-    The count table is kept to the cfg.max_pretokens most frequent pre-tokens: when it reaches twice that,
-    the rarer ones are dropped, so memory stays bounded while distinct words keep growing with the corpus.
-    Below that size the counts are exact."""
+    A document is for validation when its split_score is below valid_fraction; if that gives fewer than 2,
+    the training documents of lowest score make up 2 (their counts are taken back). The count table keeps the
+    cfg.max_pretokens most frequent pre-tokens, trimmed when it reaches twice that: bounded memory while
+    distinct words grow with the corpus. Below that size the counts are exact."""
     report, counts, spare, n_valid = Counter(documents=0, sentences=0, skipped_short_documents=0), Counter(), [], 0
     meter = _Meter("pass 1/2, read + count", total, progress)
     settings = _settings(cfg, count=not cfg.tokenizer)
@@ -909,7 +915,7 @@ def _count_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, progres
             counts = _most_frequent(counts, cfg.max_pretokens)
         spare = heapq.nsmallest(2, spare + r["spare"], key=lambda t: t[:2])
         meter.add(r["size"], r["report"]["documents"])
-    meter.show()
+    meter.add(0, 0, end=True)
     moved = spare[:max(0, 2 - n_valid)]
     for _, _, c in moved:
         counts.subtract(c)
@@ -964,7 +970,8 @@ def _encode_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, tok: T
     """Encode every chunk (in workers) and append its arrays to the cache's .npy files in corpus order;
     (file sizes, token histogram of the train split)."""
     token_dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32
-    writers = {f"{s}.{a}": _ArrayWriter(os.path.join(cfg.cache_dir, f"{s}.{a}.npy"), token_dtype if a == "tokens" else np.int64)
+    writers = {f"{s}.{a}": _ArrayWriter(os.path.join(cfg.cache_dir, f"{s}.{a}.npy"),
+                                        token_dtype if a == "tokens" else np.int64)
                for s in ("train", "valid") for a in SPLIT_ARRAYS}
     settings = _settings(cfg, tokenizer=os.path.join(cfg.cache_dir, "tokenizer.json"), tokenizer_hash=tok.hash(),
                          extra_valid=extra_valid)  # the hash tells rebuilds into the same folder apart
@@ -981,7 +988,7 @@ def _encode_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, tok: T
                 writers[f"{s}.doc_starts"].append(split.doc_starts[1:] + n_sentences)
             counts += r["counts"]
             meter.add(r["size"], r["docs"])
-        meter.show()
+        meter.add(0, 0, end=True)
         return {name: w.close() for name, w in writers.items()}, counts
     except BaseException:
         for w in writers.values():
@@ -1080,7 +1087,8 @@ def prepare(cfg: DataConfig, progress=print) -> Prepared:
     if cfg.seq_len < 8:
         raise DataError(f"seq_len={cfg.seq_len} is too short: [CLS] A [SEP] B [SEP] needs at least 8")
     if cfg.decode_errors not in ("strict", "replace") or cfg.layout not in ("auto", "lines", "book"):
-        raise DataError(f"decode_errors={cfg.decode_errors!r} (strict|replace), layout={cfg.layout!r} (auto|lines|book)")
+        raise DataError(f"decode_errors={cfg.decode_errors!r} (strict|replace), "
+                        f"layout={cfg.layout!r} (auto|lines|book)")
     if cfg.workers < 0:
         raise DataError(f"workers={cfg.workers}: give a number of processes, or 0 for every core")
     if not cfg.tokenizer:

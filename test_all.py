@@ -328,6 +328,19 @@ def test_save_load_and_checkpoint(tmp_path, real_tok):
         data.Tokenizer.from_dict(dict(d, version=99))
 
 
+def merge_pair(ids: list, pair: tuple, new_id: int) -> list:
+    """Replace every non-overlapping occurrence of `pair`, left to right: ([5, 6, 5, 6, 6], (5, 6), 9) -> [9, 9, 6]."""
+    out, i = [], 0
+    while i < len(ids):
+        if tuple(ids[i:i + 2]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
 def naive_merges(words: dict, n_merges: int) -> list:
     """Reference BPE: recount every pair of every word before each merge."""
     words = {tuple(w): c for w, c in words.items()}
@@ -345,7 +358,7 @@ def naive_merges(words: dict, n_merges: int) -> list:
         merges.append(pair)
         merged = Counter()
         for w, c in words.items():
-            merged[tuple(data.merge_pair(list(w), pair, data.N_BASE + k))] += c
+            merged[tuple(merge_pair(list(w), pair, data.N_BASE + k))] += c
         words = merged
     return merges
 
@@ -938,7 +951,7 @@ def test_torchrun_waits_for_a_build_longer_than_the_process_group_timeout(tmp_pa
 def synthetic_split():
     docs = data.synthetic_corpus(seed=0, n_docs=300)
     tok = data.Tokenizer.train([s for d in docs for s in d], 600)
-    return tok, data.tokenize_documents(docs, tok, progress=data_quiet)
+    return tok, data.tokenize_documents(docs, tok)
 
 
 def batch_seps(batch):

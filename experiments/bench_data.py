@@ -225,7 +225,7 @@ def main():
     print(f"corpus: {report['documents']} docs, {len(sentences):,} sentences, {mb:.1f} MB of sentence text")
     tok, t_bpe, c_bpe = timed(lambda: data.Tokenizer.train(sentences, args.vocab_size, progress=True))
     tok = data.Tokenizer.from_dict(tok.to_dict())  # empty pre-token cache: encoding starts cold
-    split, t_enc, c_enc = timed(lambda: data.tokenize_documents(docs, tok, "all", progress=lambda *_: None))
+    split, t_enc, c_enc = timed(lambda: data.tokenize_documents(docs, tok))
     batches = data.Batches(split, tok, 128, seed=0)
     _, t_batches, c_batches = timed(lambda: [batches.for_step(step, 32) for step in range(args.batches)])
     step_s, step_cpu, what = model_step_seconds(batches, tok.vocab_size, args.model_steps)
