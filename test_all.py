@@ -8,6 +8,7 @@ Tests that need the optional reference packages (transformers) are skipped when 
 import json
 import math
 import os
+import random
 import sys
 from collections import Counter
 from dataclasses import asdict, replace
@@ -420,6 +421,18 @@ def test_pretokens_agree_with_the_tokenizers_library(lowercase):
         assert [bytes(unbyte[c] for c in piece).decode() for piece, _ in theirs] == \
             tok.pretoken.findall(tok.normalize(text)), text
     assert data.PRETOKEN.findall("cafe\u0301 x²½ Ⅻ1 a_b") == ["cafe\u0301", " x", "²½", " Ⅻ1", " a", "_", "b"]
+
+
+def test_ascii_pretokens_equal_the_full_pattern():
+    """The fast pattern for ASCII text (data.ASCII_PRETOKEN) finds exactly the pre-tokens of PRETOKEN."""
+    rng = random.Random(0)
+    alphabet = [chr(i) for i in range(128)]
+    texts = ["".join(rng.choices(alphabet, k=rng.randint(0, 60))) for _ in range(3000)]
+    texts += ["don't stop: 3.14 pi's  x\ty\n_z", "  leading and trailing  ", "a1b2 'll 're've"]
+    for text in texts:
+        assert data.ASCII_PRETOKEN.findall(text) == data.PRETOKEN.findall(text), repr(text)
+    tok = data.Tokenizer.train(["a b"], vocab_size=300)
+    assert tok.pretokens("naïve café 1²") == data.PRETOKEN.findall("naïve café 1²")  # non-ASCII: the full pattern
 
 
 def test_tokenizer_json_round_trips_and_rejects_others(tmp_path, real_tok):
