@@ -40,7 +40,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import regex
@@ -1012,9 +1012,17 @@ def token_counts(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> n
     return counts
 
 
-def unigram_entropy(split: Split, vocab_size: int) -> float:
-    """Entropy (nats) of the split's token frequencies: the MLM loss of a model that ignores context."""
-    return token_stats(token_counts(split.tokens, vocab_size))["unigram_entropy"]
+def context_free_loss(fit: Split, vocab_size: int, scored: Optional[Split] = None) -> float:
+    """The MLM loss (nats per token, specials excluded) of a model that ignores context and predicts `fit`'s
+    unigram frequencies: their entropy on `fit` itself, or the cross-entropy of `scored`'s tokens (then
+    add-0.5 smoothed, so that a token unseen in `fit` costs a finite loss). It is the plateau BERT training
+    sits on before it uses context."""
+    counts = token_counts(fit.tokens, vocab_size)
+    if scored is None:
+        return token_stats(counts)["unigram_entropy"]
+    p = counts[len(SPECIALS):] + 0.5
+    q = token_counts(scored.tokens, vocab_size)[len(SPECIALS):]
+    return float(-(q * np.log(p / p.sum())).sum() / q.sum())
 
 
 def _corpus(cfg: DataConfig) -> tuple:
@@ -1121,6 +1129,17 @@ def truncate_lengths(len_a: int, len_b: int, max_tokens: int) -> tuple:
     return len_a - excess // 2, len_b - (excess + 1) // 2  # then alternately, B first
 
 
+def bert_input(a, b=None) -> tuple:
+    """BERT's input layout (Devlin et al. 2019, section 3): [CLS] a [SEP], then b [SEP] for a pair; and its
+    segment ids, 0 through the first [SEP] and 1 after. a, b: token ids (lists or arrays). Returns two int64
+    arrays. Pre-training (Batches), GLUE (glue.encode) and the attention maps all build their inputs here."""
+    second = [] if b is None else [b, [SEP]]
+    ids = np.concatenate([[CLS], a, [SEP], *second]).astype(np.int64)
+    types = np.zeros(len(ids), np.int64)
+    types[len(a) + 2:] = 1
+    return ids, types
+
+
 class Batches:
     """MLM + NSP examples drawn on the fly from a Split. Example `e` depends only on (seed, e).
 
@@ -1185,10 +1204,8 @@ class Batches:
         a, b, is_random = self._pair(rng)
         la, lb = truncate_lengths(len(a), len(b), self.seq_len - 3)
         front_a, front_b = rng.binomial(len(a) - la, 0.5), rng.binomial(len(b) - lb, 0.5)  # cut at random ends
-        ids[0], ids[la + 1], ids[la + lb + 2] = CLS, SEP, SEP
-        ids[1:la + 1] = a[front_a:front_a + la]
-        ids[la + 2:la + lb + 2] = b[front_b:front_b + lb]
-        types[la + 2:la + lb + 3] = 1
+        row, segments = bert_input(a[front_a:front_a + la], b[front_b:front_b + lb])
+        ids[:len(row)], types[:len(row)] = row, segments
         candidates = np.r_[1:la + 1, la + 2:la + lb + 2]  # positions of A and B tokens
         n_pred = max(1, int(round(len(candidates) * self.mlm_prob)))
         chosen = rng.permutation(candidates)[:n_pred]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bert
-from data import DataError, Tokenizer, truncate_lengths
+from data import DataError, Tokenizer, bert_input, truncate_lengths
 from train import (Dist, adamw, all_reduce_mean, autocast, default_dtype, first_line, fmt_time, launch_rank,
                    locked_folder, param_groups, print0, setup_distributed, unreadable, use_tf32)
 
@@ -289,9 +289,8 @@ def encode(examples: list, tok: Tokenizer, max_len: int, regression: bool) -> En
         a = tok.encode(e.text_a)
         b = tok.encode(e.text_b) if e.text_b is not None else []
         len_a, len_b = truncate_lengths(len(a), len(b), max_len - (3 if e.text_b is not None else 2))
-        first = [tok.cls_id] + a[:len_a] + [tok.sep_id]
-        ids.append(first + (b[:len_b] + [tok.sep_id] if e.text_b is not None else []))
-        n_first.append(len(first))
+        ids.append(bert_input(a[:len_a], b[:len_b] if e.text_b is not None else None)[0].tolist())
+        n_first.append(len_a + 2)  # [CLS] A [SEP]
     labels = None
     if examples and examples[0].label is not None:
         labels = torch.tensor([e.label for e in examples], dtype=torch.float32 if regression else torch.long)

@@ -1094,9 +1094,13 @@ def test_synthetic_corpus_is_seeded():
     assert words["a"] > 0 and words["the"] > 0
 
 
-def test_unigram_entropy_known_answer():
+def test_context_free_loss_known_answers():
     split = data.Split(np.array([5, 5, 6, 6], np.uint16), np.array([0, 2, 4]), np.array([0, 2]))
-    assert data.unigram_entropy(split, 10) == pytest.approx(math.log(2))
+    assert data.context_free_loss(split, 10) == pytest.approx(math.log(2))
+    scored = data.Split(np.array([5, 7], np.uint16), np.array([0, 2]), np.array([0, 1]))
+    # counts of ids 5..9 in `split`, add-0.5 smoothed: 2.5, 2.5, 0.5, 0.5, 0.5 (sum 6.5)
+    expected = -(math.log(2.5 / 6.5) + math.log(0.5 / 6.5)) / 2
+    assert data.context_free_loss(split, 10, scored=scored) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("change,match", [

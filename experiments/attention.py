@@ -44,11 +44,9 @@ def load_model(path: str):
 
 def encode_pair(tok, a: str, b: str):
     """[CLS] a [SEP] b [SEP] as a batch of one, and the token strings for labels."""
-    ia, ib = tok.encode(a), tok.encode(b)
-    ids = [tok.cls_id] + ia + [tok.sep_id] + ib + [tok.sep_id]
-    types = [0] * (len(ia) + 2) + [1] * (len(ib) + 1)
-    labels = ["[CLS]"] + [tok.decode([i]).strip() for i in ia] + ["[SEP]"] + [tok.decode([i]).strip() for i in ib] + ["[SEP]"]
-    return torch.tensor([ids]), torch.tensor([types]), labels
+    ids, types = data.bert_input(tok.encode(a), tok.encode(b))
+    labels = [tok.decode([i]).strip() for i in ids]  # specials decode to their names
+    return torch.tensor(ids)[None], torch.tensor(types)[None], labels
 
 
 def maps_of(model, ids, types) -> np.ndarray:

@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -318,10 +317,7 @@ def unigram_plateau(a) -> float:
     cfg = data.DataConfig(corpus=list(a.corpus), cache_dir=os.path.join(a.out, "cache"), vocab_size=a.vocab_size,
                           seed=a.seed, seq_len=a.seq_len, workers=a.workers)
     prepared = data.prepare(cfg, progress=lambda *x, **k: None)
-    n_special, V = len(data.SPECIALS), prepared.tokenizer.vocab_size
-    train = data.token_counts(prepared.train.tokens, V)[n_special:] + 0.5  # in chunks: never all tokens as int64
-    valid = data.token_counts(prepared.valid.tokens, V)[n_special:]
-    return float(-(valid * np.log(train / train.sum())).sum() / valid.sum())
+    return data.context_free_loss(prepared.train, prepared.tokenizer.vocab_size, scored=prepared.valid)
 
 
 def glue_compare(a):
