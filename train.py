@@ -22,7 +22,6 @@ the end of each stage, before growth), `log.jsonl` (one record per log step and 
 from __future__ import annotations
 
 import argparse
-import collections.abc
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -120,7 +119,7 @@ INVOCATION_ONLY = {"out", "resume", "overwrite", "stop_after", "device"}
 def resumed_config(cfg: TrainConfig, given: set) -> TrainConfig:
     """The rule's first half: under --resume (or a torchrun restart) every flag not `given` and not
     INVOCATION_ONLY comes from <out>/checkpoint.pt, if there is one."""
-    if restarted_by_torchrun():
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # a worker torchrun restarted
         cfg = dataclasses.replace(cfg, resume=True, overwrite=False)
     path = os.path.join(run_dir(cfg), "checkpoint.pt")
     if not (cfg.resume and os.path.exists(path)):
@@ -140,17 +139,13 @@ def check_resumable(ckpt: dict, cfg: TrainConfig, path: str):
                          + "\nUse the original flags, or --overwrite to start a new run there.")
 
 
-def restarted_by_torchrun() -> bool:
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The training run.
 
 
 class Trainer:
-    """Holds the model, optimizer and data of one run and moves them through the schedule's stages:
-    start() builds or restores the model, run() trains to the end."""
+    """The model, optimizer and data of one run: start() builds or restores the model, run() trains it
+    through the schedule's stages."""
 
     def __init__(self, cfg: TrainConfig, d: Dist):
         self.cfg, self.d = cfg, d
@@ -349,8 +344,7 @@ class Trainer:
 
     def save(self, path: Optional[str] = None):
         """Write checkpoint.pt (or `path`) on rank 0. A write that fails (disk full, read-only filesystem, no
-        permission) ends the run in one line naming the file and the last good checkpoint; atomic_write has
-        removed the half-written temporary by then."""
+        permission) ends the run in one line naming the file and the last good checkpoint."""
         if not self.d.master:
             return
         path, t0 = path or self.checkpoint_path, time.perf_counter()
@@ -380,11 +374,9 @@ class Trainer:
     # -- compiling, validation, logging, stopping ----------------------------------------------------------
 
     def compile_stage(self):
-        """Compile a model just installed under --compile before its first timed step, so that compile
-        time never lands in `wall` (MSLT compiles five models, the baseline one): forward and backward of
-        this step's first micro-batch with and without an attention mask (batches with and without
-        padding take different graphs), nothing updated. Its time is logged as `compile_s`. Validation
-        compiles its graph when it first runs, outside `wall` anyway."""
+        """Compile a model just installed under --compile before its first timed step, so that compile time
+        never lands in `wall` (MSLT compiles five models, the baseline one): forward and backward of a
+        micro-batch with and without an attention mask (two graphs), nothing updated; logged as `compile_s`."""
         t0 = time.perf_counter()
         self.model.train()
         batch = self.train_batches.for_step(self.step, self.cfg.batch_size, self.d.rank, self.d.world, 0, self.n_micro)
@@ -436,12 +428,13 @@ class Trainer:
                    f"(mlm {r['mlm_loss']:.3f} acc {r['mlm_acc']:.3f}, nsp acc {r['nsp_acc']:.3f}) | "
                    f"lr {r['lr']:.2e} | gnorm {r['grad_norm']:.2f} | {tok_per_s / 1000:.1f}k tok/s | "
                    f"ETA {fmt_time(eta)}")
-        self.log({**r, "tokens_per_s": tok_per_s})
+        self.log({**r.read(), "tokens_per_s": tok_per_s})
 
     def log(self, record: dict):
         if self.d.master:
-            append_jsonl(self.log_path, {"step": self.step, "stage": self.stage,
-                                         "n_layer": self.model.config.n_layer, "wall": round(self.wall, 3), **record})
+            head = dict(step=self.step, stage=self.stage, n_layer=self.model.config.n_layer, wall=round(self.wall, 3))
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({**head, **record}) + "\n")
 
     def print(self, *args):
         print0(self.d, *args)
@@ -503,22 +496,16 @@ def get_lr(step: int, cfg: TrainConfig, stage_start: int) -> float:
 
 class Lamb(torch.optim.Optimizer):
     """LAMB (You et al. 2019, Algorithm 2): Adam's bias-corrected direction plus decoupled weight decay,
-    scaled per tensor by the trust ratio ||w|| / ||update|| (1 when either norm is 0).
+    scaled per tensor by the trust ratio ||w|| / ||update|| (1 when either norm is 0). Groups with
+    trust=False (biases, LayerNorm) get plain AdamW. Clipping is the training loop's job.
 
-    Groups with trust=False (biases, LayerNorm) get the plain AdamW update, no trust ratio. Gradient
-    clipping is the training loop's job (`clip_grad_norm_` before every optimizer step).
-
-    A step over a trust group, with no host synchronisation on a GPU:
-    1. u = r + λw, r = m^ / (sqrt(v^) + eps), in the gradients' own buffers: torch's fused AdamW kernel
-       updates m and v and moves its "parameter" x by x <- x (1 - lr wd) - lr r; run on x = the gradient
-       itself (each element is read before it is written) with lr = -1 and wd = -1, that is x <- r; then
-       u = r + λw in place. After a step the gradients hold u.
-    2. The trust ratio from the per-tensor norms of w and u.
-    3. w <- w - lr trust u.
-    On a GPU each pass is one multi-tensor operation over the group, the trust ratios stay on the device.
-    On the CPU the passes run tensor by tensor, so that a tensor stays in the cache from one pass to the
-    next, and the norms are Python numbers (there is no device to wait for): 1.9x fused AdamW's step
-    instead of 2.6x (experiments/README.md, "Optimizer step").
+    A trust group's step: (1) u = r + λw, r = m^ / (sqrt(v^) + eps), in the gradients' own buffers: torch's
+    fused AdamW kernel updates m, v and its "parameter" x <- x (1 - lr wd) - lr r; run on x = the gradient
+    (each element is read before it is written) with lr = wd = -1, that is x <- r; then + λw in place.
+    (2) The trust ratio from the norms of w and u. (3) w <- w - lr trust u. On a GPU each pass is one
+    multi-tensor operation, the trust ratios on the device (no host sync); on the CPU the passes run tensor
+    by tensor, so that a tensor stays in the cache between them: 1.9x fused AdamW's step, not 2.6x
+    (experiments/README.md, "Optimizer step"). After a step the gradients hold u.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
@@ -578,11 +565,8 @@ def adamw(groups: list, **kwargs) -> torch.optim.AdamW:
 
 
 def carry_moments(old_opt, new_opt, old_model, new_model, sources):
-    """Ablation: start the new optimizer with the old one's state for parameters that were copied.
-
-    Parameters are paired by structure: non-layer modules by name (the same in both models), new layer j
-    with old layer sources[j] module by module. Fresh layers (identity growth) keep empty state.
-    """
+    """Ablation: start the new optimizer with the old one's state for parameters that were copied, paired
+    by structure: non-layer modules by name, new layer j with old layer sources[j]. Fresh layers start empty."""
     old_named = {n: p for n, p in old_model.named_parameters() if not n.startswith("layers.")}
     pairs = [(p, old_named[n]) for n, p in new_model.named_parameters() if n in old_named]
     for j, i in enumerate(sources):
@@ -609,10 +593,8 @@ def host_batch(batch: dict, pin: bool) -> dict:
 
 class Prefetcher:
     """The coming steps' batches, built on a background thread while the device runs the current step.
-
-    `get(step)` returns exactly `build(step)`, a pure function of the step, whether it was built ahead or
-    not: a resumed run, or a test calling steps out of order, gets the same batches. Up to `ahead` later
-    steps (below `end`) are queued behind it."""
+    `get(step)` returns exactly `build(step)`, a pure function of the step, built ahead or not (so a resumed
+    run gets the same batches); up to `ahead` later steps (below `end`) are queued behind it."""
 
     def __init__(self, build, end: int, ahead: int = 2):
         self.build, self.end, self.ahead = build, end, ahead
@@ -632,12 +614,11 @@ class Prefetcher:
 STAT_NAMES = ("loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc", "grad_norm")
 
 
-class StepStats(collections.abc.Mapping):
-    """A training step's logged numbers ({name: float} plus lr), computed on the device.
-
-    They are copied to the host as soon as the step is queued, without waiting (pinned memory, an event
-    on CUDA), and read when first looked at: the training loop looks one step late, when the copy has long
-    finished, or at log and save steps. So no step waits for the device to drain its queue."""
+class StepStats:
+    """A training step's logged numbers (stats["loss"], ... and "lr"), computed on the device. They are copied
+    to the host as soon as the step is queued, without waiting (pinned memory, an event on CUDA), and read
+    when first looked at: the loop looks one step late, when the copy has long finished, or at log and save
+    steps. So no step waits for the device to drain its queue."""
 
     def __init__(self, step: int, values: torch.Tensor, lr: float):
         self.step, self.lr, self.values = step, lr, None  # step: the count of steps done, as the loop says it
@@ -658,12 +639,6 @@ class StepStats(collections.abc.Mapping):
     def __getitem__(self, name: str) -> float:
         return self.read()[name]
 
-    def __iter__(self):
-        return iter(self.read())
-
-    def __len__(self) -> int:
-        return len(STAT_NAMES) + 1
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Data: the schedule, the token cache built once on rank 0, the context-free reference.
@@ -677,11 +652,9 @@ def run_schedule(cfg: TrainConfig):
 
 
 def prepare_data(cfg: TrainConfig, d: Dist):
-    """Tokenize once on rank 0 (cached), then every rank memory-maps the same arrays.
-
-    The other ranks wait on the file system, not in a collective: building a large corpus's cache takes
-    longer than a process group's timeout (NCCL's default: 10 minutes). Rank 0 writes
-    <cache_dir>/build-status.json when it is done or has failed, and a failure ends every rank with its error."""
+    """Tokenize once on rank 0 (cached), then every rank memory-maps the same arrays. The other ranks wait on
+    the file system, not in a collective (a large corpus takes longer than a process group's timeout: NCCL's
+    is 10 minutes) for <cache_dir>/build-status.json; a failure there ends every rank with its error."""
     dcfg = data.DataConfig(corpus=list(cfg.corpus), cache_dir=cfg.cache_dir, vocab_size=cfg.vocab_size,
                            seed=cfg.data_seed, seq_len=cfg.seq_len, decode_errors=cfg.decode_errors,
                            workers=cfg.workers)
@@ -972,11 +945,6 @@ def fmt_time(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def append_jsonl(path: str, record: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def truncate_log(path: str, step: int):
     """On resume, drop records the interrupted run wrote after its checkpoint (they are redone)."""
     if not os.path.exists(path):
@@ -1099,14 +1067,17 @@ def parse_args(argv=None) -> tuple:
     dirs): under --resume, the fields not given come from the checkpoint (the resume rule, above)."""
     unset = object()  # argparse leaves a field it finds on the namespace alone unless the flag is given
     namespace = argparse.Namespace(**{f.name: unset for f in dataclasses.fields(TrainConfig)})
-    a = vars(build_parser().parse_args(argv, namespace))
+    p = build_parser()
+    p.add_argument("--plot", nargs="+", metavar="RUN_DIR",
+                   help="only plot validation loss of these runs to --out/val_loss.svg (or ./val_loss.svg)")
+    a = vars(p.parse_args(argv, namespace))
     plot = a.pop("plot")
     given = {k for k, v in a.items() if v is not unset}
     return TrainConfig(**{k: a[k] for k in given}), given, plot
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The flags, grouped as in TrainConfig, each with its default shown by --help."""
+    """The flags of TrainConfig, grouped as there, each with its default shown by --help."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                 epilog="Paper-scale recipes are in README.md.")
     d = TrainConfig()
@@ -1116,8 +1087,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="original post-LN BERT instead of pre-LN (the default)")
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout probability")
     g = p.add_argument_group("growth schedule")
-    g.add_argument("--method", default=d.method, choices=list(stack.METHODS),
-                   help="training method (paper proportions of steps)")
+    g.add_argument("--method", default=d.method, choices=list(stack.METHODS), help="method (paper proportions)")
     g.add_argument("--schedule", default=d.schedule, help='explicit schedule "depth:steps,..." e.g. "3:50,6:70,12:280"')
     g.add_argument("--grow", default=d.grow, choices=[g for g in stack.GROWS if g != "init"],
                    help="growth operator for an explicit --schedule")
@@ -1129,8 +1099,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary size")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per example")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch in examples")
-    g.add_argument("--micro-batch", type=int, default=d.micro_batch,
-                   help="examples per forward pass per rank (0 = batch/world)")
+    g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="per-rank forward batch (0: batch/world)")
     g.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of split, pairs and masks")
     g.add_argument("--decode-errors", default=d.decode_errors, choices=["strict", "replace"],
                    help="non-UTF-8 bytes in the corpus: 'strict' stops naming file and offset, 'replace' reads U+FFFD")
@@ -1165,8 +1134,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="start afresh even if <out> holds a run")
     g.add_argument("--stop-after", type=int, default=d.stop_after,
                    help="stop with a checkpoint after this step (0 = never)")
-    g.add_argument("--plot", nargs="+", metavar="RUN_DIR",
-                   help="only plot validation loss of these runs to --out/val_loss.svg (or ./val_loss.svg)")
     return p
 
 
