@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bert
 from data import DataError, Tokenizer, bert_input, truncate_lengths
 from train import (Dist, adamw, all_reduce_mean, autocast, default_dtype, first_line, fmt_time, launch_rank,
-                   locked_folder, param_groups, print0, setup_distributed, unreadable, use_tf32)
+                   locked_folder, param_groups, print0, setup_distributed, unreadable, use_tf32, warmup_then_decay)
 
 DEFAULT_GLUE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "glue")
 
@@ -447,12 +447,6 @@ class FinetuneConfig:
                     checkpoint=backbone.source, random_init=backbone.state is None)
 
 
-def lr_lambda(total: int, warmup: float):
-    """Multiplier of the peak lr at each step: linear 0 -> 1 over warmup * total steps, then linear -> 0."""
-    n_warm = max(1, int(warmup * total))
-    return lambda step: step / n_warm if step < n_warm else max(0.0, (total - step) / max(1, total - n_warm))
-
-
 @torch.no_grad()
 def predict(model: GlueModel, enc: Encoded, dtype: str = "float32", batch_size: int = 128) -> np.ndarray:
     """Class ids (argmax) or scores (regression) for every example, in file order. Batches are taken in
@@ -495,7 +489,8 @@ def fit(model: GlueModel, task: Task, enc: Encoded, lr: float, seed: int, cfg: F
     per_epoch = sum(1 for _ in epoch_batches(len(enc.ids), cfg.batch_size, seed, 0, ranks))
     total = (cfg.epochs or task.epochs) * per_epoch
     total = min(total, cfg.max_steps) if cfg.max_steps else total
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg.warmup))
+    n_warm = max(1, int(cfg.warmup * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_then_decay(s, n_warm, total))
     step, t0, window, tag = 0, time.time(), [], f"{task.name} lr {lr:g} seed {seed}"
     wrapped.train()
     while step < total:

@@ -2197,8 +2197,10 @@ def test_several_checkpoints_get_one_results_folder_each(tmp_path, capsys):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    f = glue.lr_lambda(100, 0.1)
-    assert [f(0), f(5), f(10), f(55), f(100)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    """glue.py's schedule: 10% of 100 steps warm up (the first at 1/10 of the peak), then decay to 0."""
+    import train
+    f = [train.warmup_then_decay(s, 10, 100) for s in range(101)]
+    assert [f[0], f[4], f[9], f[10], f[55], f[100]] == [0.1, 0.5, 1.0, 1.0, 0.5, 0.0]
 
 
 def test_encode_truncates_longest_first_and_marks_segments():

@@ -482,13 +482,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return adamw(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
 
 
+def warmup_then_decay(step: int, warmup: int, total: int) -> float:
+    """The multiplier of the peak learning rate at `step` (from 0): linear warm-up over `warmup` steps, the
+    first step at 1 / warmup, then linear decay to 0 at `total` (BERT's schedule; pre-training and glue.py)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 def get_lr(step: int, cfg: TrainConfig, stage_start: int) -> float:
-    """Linear warm-up once at the start, then linear decay to 0 at the last step: continuous across
-    switches. With --rewarmup, a short linear ramp after each optimizer reset (an ablation)."""
-    if step < cfg.warmup:
-        lr = cfg.lr * (step + 1) / cfg.warmup
-    else:
-        lr = cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
+    """Warm-up once at the start, then decay to 0 at the last step: continuous across switches. With
+    --rewarmup, a short linear ramp after each optimizer reset (an ablation)."""
+    lr = cfg.lr * warmup_then_decay(step, cfg.warmup, cfg.steps)
     if cfg.rewarmup and stage_start > 0:
         lr *= min(1.0, (step - stage_start + 1) / cfg.rewarmup)
     return lr

@@ -272,8 +272,10 @@ class PhaseTimer:
         t1 = self.clock()
         loss.backward()
         t2 = self.clock()
-        opt_s = {}
-        for name, opt in self.opts.items():  # each optimizer steps on the same gradients
+        opt_s, grads = {}, [p.grad.clone() for p in self.params]
+        for name, opt in self.opts.items():  # each optimizer steps on the same gradients (LAMB overwrites them)
+            for p, g in zip(self.params, grads):
+                p.grad.copy_(g)
             t = self.clock()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             opt.step()
