@@ -1443,9 +1443,9 @@ def lamb_by_the_paper(params, grads_per_step, lr, b1, b2, eps, wd, excluded):
     return w
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device,foreach", [("cpu", None), ("cpu", True), pytest.param("cuda", None, marks=CUDA.marks)])
 @pytest.mark.parametrize("with_exclusions", [True, False])
-def test_lamb_matches_the_paper(with_exclusions, device):
+def test_lamb_matches_the_paper(with_exclusions, device, foreach):
     import train
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64, device=device)),
@@ -1455,7 +1455,7 @@ def test_lamb_matches_the_paper(with_exclusions, device):
     groups = [{"params": [p for i, p in enumerate(params) if i not in excluded], "weight_decay": 0.01, "trust": True},
               {"params": [p for i, p in enumerate(params) if i in excluded], "weight_decay": 0.0, "trust": False}]
     start = [p.detach().clone() for p in params]
-    opt = train.Lamb(groups, lr=0.01, betas=(0.9, 0.999), eps=1e-6)
+    opt = train.Lamb(groups, lr=0.01, betas=(0.9, 0.999), eps=1e-6, foreach=foreach)
     steps = [[torch.randn_like(p) for p in params] for _ in range(5)]
     for grads in steps:
         for p, g in zip(params, grads):

@@ -513,8 +513,10 @@ class Lamb(torch.optim.Optimizer):
     (experiments/README.md, "Optimizer step"). After a step the gradients hold u.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, foreach=None):
+        """foreach: the multi-tensor passes (True) or tensor by tensor (False); None: multi-tensor off the CPU."""
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust=True))
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -529,7 +531,7 @@ class Lamb(torch.optim.Optimizer):
             adam = dict(beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"], amsgrad=False, maximize=False)
             if not g["trust"]:  # w <- w (1 - lr λ) - lr r
                 torch._fused_adamw_(params, grads, m, v, [], steps, lr=lr, weight_decay=g["weight_decay"], **adam)
-            elif params[0].device.type == "cpu":
+            elif not (self.foreach if self.foreach is not None else params[0].device.type != "cpu"):
                 for w, u, m_, v_, t in zip(params, grads, m, v, steps):
                     torch._fused_adamw_([u], [u], [m_], [v_], [], [t], lr=-1.0, weight_decay=-1.0, **adam)  # u <- r
                     u.add_(w, alpha=g["weight_decay"])
