@@ -170,6 +170,19 @@ def resume_determinism(argv: list, whole: list, work: str) -> str:
             f"from the uninterrupted run is {diff:.2e} (0 means bit-identical)")
 
 
+def step_without_sync(trainer: train.Trainer) -> train.StepStats:
+    """One step to allocate the optimizer state, then a whole training step under CUDA's sync debug mode
+    "error", in which any host-device synchronisation raises (the CUDA test runs this too)."""
+    trainer.train_step()
+    trainer.step += 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def no_sync_step(sizes: dict, work: str, device: torch.device) -> str:
     """Two LAMB steps with micro-batches in this process; the second under sync debug mode "error"."""
     argv = sizes["run"] + DATA + ["--optimizer", "lamb", "--device", device.type, "--out", os.path.join(work, "sync"),
@@ -177,16 +190,10 @@ def no_sync_step(sizes: dict, work: str, device: torch.device) -> str:
     with contextlib.redirect_stdout(sys.stderr):  # train.py's progress lines are not part of the report
         trainer = train.Trainer(train.finish_config(train.parse_args(argv)[0], world=1), train.Dist())
         trainer.start()
-    trainer.train_step()  # the first step allocates the optimizer state
-    trainer.step += 1
     if device.type != "cuda":
+        trainer.train_step()
         return "needs CUDA: a training step ran on the CPU, but only CUDA can report host-device synchronisations"
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        stats = trainer.train_step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    stats = step_without_sync(trainer)
     return (f"a whole training step ({trainer.n_micro} micro-batches, forward, backward, clipping, LAMB) ran under "
             f'set_sync_debug_mode("error") without a synchronisation; its loss, read afterwards: {stats["loss"]:.3f}')
 
