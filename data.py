@@ -1004,6 +1004,12 @@ def token_stats(counts: np.ndarray) -> dict:
     return {"unigram_entropy": float(-(p * np.log(p)).sum()), "majority_accuracy": float(c.max() / c.sum())}
 
 
+def reference_line(prepared: Prepared) -> str:
+    """What a model that ignores context scores, to read the losses against (computed when the cache was built)."""
+    return (f"reference: unigram entropy {prepared.unigram_entropy:.3f} nats (MLM loss ignoring context); guessing "
+            f"the most frequent token gives MLM accuracy {prepared.majority_accuracy:.3f}; NSP chance 0.693 / 0.5")
+
+
 def token_counts(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
     """np.bincount of a (memory-mapped) token array, 16M tokens at a time: never the whole array as int64."""
     counts = np.zeros(vocab_size, np.int64)
@@ -1296,8 +1302,7 @@ if __name__ == "__main__":
     print(f"report: {json.dumps(prep.report)}")
     for name, split in (("train", prep.train), ("valid", prep.valid)):
         print(f"{name}: {split.num_docs:,} docs, {split.num_sentences:,} sentences, {split.num_tokens:,} tokens")
-    print(f"vocab: {prep.tokenizer.vocab_size}, unigram entropy {prep.unigram_entropy:.3f} nats "
-          f"(the MLM loss of a context-free model), majority-token accuracy {prep.majority_accuracy:.3f}")
+    print(f"vocab: {prep.tokenizer.vocab_size}\n{reference_line(prep)}")
     batch = Batches(prep.train, prep.tokenizer, cfg.seq_len, cfg.seed).get(range(2))
     for row in range(2):
         print(show_example(prep.tokenizer, batch, row))

@@ -182,7 +182,7 @@ class Trainer:
     def run(self) -> int:
         """Train to the end of the schedule (or to a stop request); returns the process exit code."""
         cfg = self.cfg
-        self.print(f"schedule: {self.schedule}\n{bert.describe(self.model)}\n{reference_line(self.prepared)}")
+        self.print(f"schedule: {self.schedule}\n{bert.describe(self.model)}\n{data.reference_line(self.prepared)}")
         window = (self.wall, 0)  # (wall, steps) since the last progress line: speed from training time only
         first_wall = self.wall
         r = None  # the last step's statistics (StepStats), read one step late or when needed
@@ -699,12 +699,6 @@ def wait_for_cache(status: str, cache_dir: str, poll: float = 0.5) -> data.Prepa
     if error:
         raise data.DataError(error)
     return data.open_cache(cache_dir)
-
-
-def reference_line(prepared) -> str:
-    """What a model that ignores context scores, to read the losses against (computed when the cache was built)."""
-    return (f"reference: unigram entropy {prepared.unigram_entropy:.3f} nats (MLM loss ignoring context); guessing "
-            f"the most frequent token gives MLM accuracy {prepared.majority_accuracy:.3f}; NSP chance 0.693 / 0.5")
 
 
 # ---------------------------------------------------------------------------------------------------------
