@@ -1762,6 +1762,36 @@ def test_a_locked_run_folder_refuses_a_second_process_and_a_dead_holder_blocks_n
         one_line_error(e)
 
 
+def test_the_batch_worker_process_dies_with_its_run_and_frees_the_lock(tmp_path):
+    """On CUDA the batches come from a forked worker process, which inherits the run folder's lock. Killed
+    with -9, the training process cannot stop it; the worker must notice and exit, or it would keep the
+    lock and refuse every --resume."""
+    import signal
+    import subprocess
+    import time
+    import train
+    out, here = tmp_path / "run", os.path.dirname(os.path.abspath(__file__))
+    code = ("import os, sys, time, torch, train\nwith train.locked_folder(sys.argv[1]):\n"
+            "    p = train.Prefetcher(lambda s: [{'pid': torch.tensor(os.getpid())}], end=3, worker_process=True)\n"
+            "    print(int(p.get(0)[0]['pid']), flush=True)\n    time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=here, stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(holder.stdout.readline())
+        assert worker != holder.pid
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    deadline = time.time() + 10
+    while True:
+        try:
+            with train.locked_folder(str(out)):
+                break
+        except SystemExit as e:
+            assert f"pid {holder.pid}" in str(e)  # still held by the worker, which inherited it
+            assert time.time() < deadline, "the worker outlived its run by 10 s and keeps the lock"
+            time.sleep(0.1)
+
+
 def test_a_failed_write_leaves_no_temporary_and_names_the_last_good_checkpoint(tmp_path, run_cache, monkeypatch):
     """atomic_write removes its temporary on any error; a disk-full save (a real ENOSPC from /dev/full),
     a read-only filesystem and a denied permission end the run in one line naming the file and the last
@@ -1946,24 +1976,30 @@ def test_compile_trains_like_eager_and_compiles_once_per_stage(tmp_path, run_cac
     assert not [w.getMessage() for w in warnings if "recompile" in w.getMessage()]
 
 
-def test_prefetched_batches_are_the_steps_batches(tmp_path, run_cache):
-    """Batches built ahead on the thread equal those built on the spot, in order, after a jump (a resume)
-    and backwards; a batch without padding loses its attention mask, one with padding keeps it."""
+@pytest.mark.parametrize("worker_process", [False, True])
+def test_prefetched_batches_are_the_steps_batches(tmp_path, run_cache, worker_process):
+    """Batches built ahead (on the thread; in the forked worker process, as on CUDA) equal those built on the
+    spot, in order, after a jump (a resume) and backwards; a batch without padding loses its attention mask,
+    one with padding keeps it."""
     import train
     t = started_trainer(["--steps", "10", "--micro-batch", "4", "--cache-dir", run_cache, "--out", str(tmp_path)])
-    for step in (0, 1, 2, 7, 8, 3):
-        got = t.prefetch.get(step)
-        assert len(got) == 2
-        for m, batch in enumerate(got):
-            direct = t.train_batches.for_step(step, 8, 0, 1, m, 2)
-            assert set(batch) | {"attention_mask"} == set(direct)
-            assert ("attention_mask" in batch) == bool((direct["attention_mask"] == 0).any())
-            assert all(torch.equal(v, direct[k]) for k, v in batch.items())
+    prefetch = train.Prefetcher(t.step_batches, end=10, worker_process=worker_process)
+    try:
+        for step in (0, 1, 2, 7, 8, 3):
+            got = prefetch.get(step)
+            assert len(got) == 2
+            for m, batch in enumerate(got):
+                direct = t.train_batches.for_step(step, 8, 0, 1, m, 2)
+                assert set(batch) | {"attention_mask"} == set(direct)
+                assert ("attention_mask" in batch) == bool((direct["attention_mask"] == 0).any())
+                assert all(torch.equal(v, direct[k]) for k, v in batch.items())
+    finally:
+        prefetch.pool.shutdown(cancel_futures=True)
     full = dict(t.train_batches.get(range(4)), attention_mask=torch.ones(4, 32, dtype=torch.long))
     padded = dict(full, attention_mask=full["attention_mask"].clone())
     padded["attention_mask"][2, -3:] = 0
-    assert "attention_mask" not in train.host_batch(full, pin=False)
-    assert torch.equal(train.host_batch(padded, pin=False)["attention_mask"], padded["attention_mask"])
+    assert "attention_mask" not in train.host_batch(full)
+    assert torch.equal(train.host_batch(padded)["attention_mask"], padded["attention_mask"])
 
 
 def test_the_training_clock_waits_for_the_device_before_each_pause(tmp_path, run_cache):
