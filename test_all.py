@@ -1979,13 +1979,13 @@ def test_compile_trains_like_eager_and_compiles_once_per_stage(tmp_path, run_cac
 @pytest.mark.parametrize("worker_process", [False, True])
 def test_prefetched_batches_are_the_steps_batches(tmp_path, run_cache, worker_process):
     """Batches built ahead (on the thread; in the forked worker process, as on CUDA) equal those built on the
-    spot, in order, after a jump (a resume) and backwards; a batch without padding loses its attention mask,
-    one with padding keeps it."""
+    spot, in order, after a jump (a resume), backwards and past the end (built on the spot); a batch without
+    padding loses its attention mask, one with padding keeps it."""
     import train
     t = started_trainer(["--steps", "10", "--micro-batch", "4", "--cache-dir", run_cache, "--out", str(tmp_path)])
     prefetch = train.Prefetcher(t.step_batches, end=10, worker_process=worker_process)
     try:
-        for step in (0, 1, 2, 7, 8, 3):
+        for step in (0, 1, 2, 7, 8, 3, 12):
             got = prefetch.get(step)
             assert len(got) == 2
             for m, batch in enumerate(got):

@@ -606,21 +606,22 @@ class Prefetcher:
     run gets the same batches); up to `ahead` later steps (below `end`) are queued behind it.
 
     With `worker_process` (on CUDA) the builder is a forked process. Building an example is ~0.1 ms of
-    Python; on a thread it holds the interpreter lock that the training loop needs to launch kernels, and
-    on an H200 that made a BERT-Base step at batch 64 take 39 ms instead of 24 (experiments/README.md,
-    "GPU check"). The process inherits `build` and its data by fork; only step numbers and numpy arrays
-    cross the pipe. Elsewhere a thread: fork is unsafe on macOS, and a CPU's cores run the model anyway.
+    Python; on a thread it holds the interpreter lock that the training loop needs to launch kernels: an
+    eager BERT-Base step at batch 64 on an H200 took 43 ms instead of 32 (experiments/bench_prefetch.py).
+    The process inherits `build` and its data by fork; only step numbers and numpy arrays cross the pipe.
+    Elsewhere a thread: fork is unsafe on macOS, and a CPU's cores run the model anyway.
     With `pin` the batches arrive in pinned memory, so that copying them to the device runs asynchronously."""
 
     def __init__(self, build, end: int, ahead: int = 2, worker_process: bool = False, pin: bool = False):
-        self.end, self.ahead, self.pin = end, ahead, pin
+        self.build, self.end, self.ahead, self.pin = build, end, ahead, pin
         if worker_process:
-            self.pool = concurrent.futures.ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("fork"), initializer=install_builder, initargs=(build, os.getpid()))
-            self.build = build_as_arrays
+            fork = multiprocessing.get_context("fork")
+            self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=fork, initializer=install_builder,
+                                                               initargs=(build, os.getpid()))
+            self.build_ahead = build_as_arrays
         else:
             self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
-            self.build = build
+            self.build_ahead = build
         self.queued = {}  # step -> Future
 
     def get(self, step: int) -> list:
@@ -628,7 +629,7 @@ class Prefetcher:
             self.queued.pop(s).cancel()
         for s in range(step, min(step + self.ahead + 1, self.end)):
             if s not in self.queued:
-                self.queued[s] = self.pool.submit(self.build, s)
+                self.queued[s] = self.pool.submit(self.build_ahead, s)
         future = self.queued.pop(step, None)
         batches = future.result() if future else self.build(step)
         batches = [{k: torch.as_tensor(v) for k, v in b.items()} for b in batches]

@@ -1,6 +1,6 @@
 """One command that checks the GPU path of this project and prints one markdown report.
 
-On one GPU (about 6 minutes on an H200) it reports, each section timed and independent of the others:
+On one GPU (about 5 minutes on an H200) it reports, each section timed and independent of the others:
 1. the environment: torch, device, bf16 support (native or emulated), TF32;
 2. which attention kernel SDPA runs in our model, with and without a padding mask;
 3. the CUDA test subset (`pytest -k cuda`: LAMB against the paper on the GPU, attention without a mask,
