@@ -2002,6 +2002,20 @@ def test_prefetched_batches_are_the_steps_batches(tmp_path, run_cache, worker_pr
     assert torch.equal(train.host_batch(padded)["attention_mask"], padded["attention_mask"])
 
 
+def test_training_mode_is_set_once_per_model_and_restored_after_validation(tmp_path, run_cache):
+    """train_step does not call model.train() (it walks every module, ~1 ms a step): validation puts the
+    model back in training mode, and every installed model (fresh, grown, retrained) starts in it."""
+    t = started_trainer(["--schedule", "6:2,12:2,12:2:retrain", "--steps", "6", "--cache-dir", run_cache,
+                         "--out", str(tmp_path)])
+    assert all(m.training for m in t.model.modules())
+    for stage in (1, 2):
+        t.validate()
+        assert all(m.training for m in t.model.modules())
+        t.model.eval()  # as if something else had left it so: the switch installs it in training mode
+        t.grow(stage)
+        assert all(m.training for m in t.model.modules()), stage
+
+
 def test_the_training_clock_waits_for_the_device_before_each_pause(tmp_path, run_cache):
     """Statistics are read one step late, except after the steps where the loop pauses (log, validation,
     save, switch, end, stop): those must finish inside the training time, or `wall` would miss device time."""

@@ -237,7 +237,6 @@ class Trainer:
         (seed, step, rank), so a resumed run draws exactly the masks the uninterrupted run would.
         Nothing waits for the device: the statistics come back as StepStats, read later."""
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.step * 101 + self.d.rank)
-        self.model.train()
         lr = get_lr(self.step, self.cfg, self.stage_start)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -285,7 +284,7 @@ class Trainer:
         caches emptied first, so that each stage compiles its own model once, and earlier stages' graphs
         never count toward the recompile limit (beyond which dynamo silently runs eager)."""
         old_opt = self.optimizer
-        self.model, self.stage = model.to(self.device), stage
+        self.model, self.stage = model.to(self.device).train(), stage
         self.stage_start = self.schedule.stage_at(step)[1]
         self.optimizer = build_optimizer(model, self.cfg)
         if self.cfg.carry_moments and old_model is not None:
@@ -409,6 +408,7 @@ class Trainer:
         for i in range(self.cfg.eval_batches):
             batch = self.valid_batches.for_step(i, self.cfg.batch_size, self.d.rank, self.d.world)
             stats += self.forward(host_batch(batch))[1] / self.cfg.eval_batches
+        self.model.train()  # set here and in set_model, not every step (it walks every module)
         loss, mlm, nsp, mlm_acc, nsp_acc = all_reduce_mean(stats.tolist(), self.d)
         self.overhead += time.perf_counter() - t0
         return dict(val_loss=loss, val_mlm_loss=mlm, val_nsp_loss=nsp, val_mlm_acc=mlm_acc, val_nsp_acc=nsp_acc)
