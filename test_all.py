@@ -1766,6 +1766,7 @@ def test_the_batch_worker_process_dies_with_its_run_and_frees_the_lock(tmp_path)
     """On CUDA the batches come from a forked worker process, which inherits the run folder's lock. Killed
     with -9, the training process cannot stop it; the worker must notice and exit, or it would keep the
     lock and refuse every --resume."""
+    import contextlib
     import signal
     import subprocess
     import time
@@ -1782,14 +1783,18 @@ def test_the_batch_worker_process_dies_with_its_run_and_frees_the_lock(tmp_path)
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     deadline = time.time() + 10
-    while True:
-        try:
-            with train.locked_folder(str(out)):
-                break
-        except SystemExit as e:
-            assert f"pid {holder.pid}" in str(e)  # still held by the worker, which inherited it
-            assert time.time() < deadline, "the worker outlived its run by 10 s and keeps the lock"
-            time.sleep(0.1)
+    try:
+        while True:
+            try:
+                with train.locked_folder(str(out)):
+                    break
+            except SystemExit as e:
+                assert f"pid {holder.pid}" in str(e)  # still held by the worker, which inherited it
+                assert time.time() < deadline, "the worker outlived its run by 10 s and keeps the lock"
+                time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)  # only alive if the test failed
 
 
 def test_a_failed_write_leaves_no_temporary_and_names_the_last_good_checkpoint(tmp_path, run_cache, monkeypatch):
