@@ -1762,6 +1762,28 @@ def test_a_locked_run_folder_refuses_a_second_process_and_a_dead_holder_blocks_n
         one_line_error(e)
 
 
+def test_a_dead_batch_worker_stops_the_run_in_one_line():
+    """A worker process killed (by the kernel's out-of-memory killer, say) ends the run with one line that
+    says how to go on, not with a traceback from the process pool."""
+    import train
+
+    def build(step):
+        if step == 1 and os.getpid() != parent:
+            os._exit(9)  # the worker dies while building step 1
+        return [{"x": torch.tensor(step)}]
+
+    parent = os.getpid()
+    prefetch = train.Prefetcher(build, end=3, worker_process=True)
+    try:
+        assert int(prefetch.get(0)[0]["x"]) == 0
+        with pytest.raises(SystemExit) as e:
+            prefetch.get(1)
+        assert one_line_error(e).startswith("error: the process building the batches of step 1 died")
+        assert "--resume" in str(e.value)
+    finally:
+        prefetch.pool.shutdown(cancel_futures=True)
+
+
 def test_the_batch_worker_process_dies_with_its_run_and_frees_the_lock(tmp_path):
     """On CUDA the batches come from a forked worker process, which inherits the run folder's lock. Killed
     with -9, the training process cannot stop it; the worker must notice and exit, or it would keep the

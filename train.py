@@ -631,7 +631,11 @@ class Prefetcher:
             if s not in self.queued:
                 self.queued[s] = self.pool.submit(self.build_ahead, s)
         future = self.queued.pop(step, None)
-        batches = future.result() if future else self.build(step)
+        try:
+            batches = future.result() if future else self.build(step)
+        except concurrent.futures.BrokenExecutor:  # the worker process was killed (out of memory?) or crashed
+            raise SystemExit(f"error: the process building the batches of step {step} died; the run stops without "
+                             f"saving; continue it from its last checkpoint with --resume") from None
         batches = [{k: torch.as_tensor(v) for k, v in b.items()} for b in batches]
         return [{k: v.pin_memory() for k, v in b.items()} for b in batches] if self.pin else batches
 
