@@ -605,7 +605,7 @@ class Prefetcher:
     exactly `build(step)` (a list of batches), a pure function of the step, built ahead or not (so a resumed
     run gets the same batches); up to `ahead` later steps (below `end`) are queued behind it.
 
-    With `worker_process` (on CUDA) the builder is a forked process. Building an example is ~0.1 ms of
+    With `worker_process` (on CUDA; not on Windows, which cannot fork) the builder is a forked process. Building an example is ~0.1 ms of
     Python; on a thread it holds the interpreter lock that the training loop needs to launch kernels: an
     eager BERT-Base step at batch 64 on an H200 took 43 ms instead of 32 (experiments/bench_prefetch.py).
     The process inherits `build` and its data by fork; only step numbers and numpy arrays cross the pipe.
@@ -614,7 +614,7 @@ class Prefetcher:
 
     def __init__(self, build, end: int, ahead: int = 2, worker_process: bool = False, pin: bool = False):
         self.build, self.end, self.ahead, self.pin = build, end, ahead, pin
-        if worker_process:
+        if worker_process and "fork" in multiprocessing.get_all_start_methods():
             fork = multiprocessing.get_context("fork")
             self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=fork, initializer=install_builder,
                                                                initargs=(build, os.getpid()))
