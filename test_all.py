@@ -2030,8 +2030,8 @@ def test_prefetched_batches_are_the_steps_batches(tmp_path, run_cache, worker_pr
 
 
 def test_training_mode_is_set_once_per_model_and_restored_after_validation(tmp_path, run_cache):
-    """train_step does not call model.train() (it walks every module, ~1 ms a step): validation puts the
-    model back in training mode, and every installed model (fresh, grown, retrained) starts in it."""
+    """train_step does not call model.train() (it walks every module: 0.3 ms of Python at BERT-Base): validation
+    puts the model back in training mode, and every installed model (fresh, grown, retrained) starts in it."""
     t = started_trainer(["--schedule", "6:2,12:2,12:2:retrain", "--steps", "6", "--cache-dir", run_cache,
                          "--out", str(tmp_path)])
     assert all(m.training for m in t.model.modules())

@@ -589,7 +589,7 @@ def carry_moments(old_opt, new_opt, old_model, new_model, sources):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Feeding the device: batches built ahead on a thread, statistics read without waiting.
+# Feeding the device: batches built ahead (in a worker process on CUDA), statistics read without waiting.
 
 
 def host_batch(batch: dict) -> dict:
@@ -605,12 +605,13 @@ class Prefetcher:
     exactly `build(step)` (a list of batches), a pure function of the step, built ahead or not (so a resumed
     run gets the same batches); up to `ahead` later steps (below `end`) are queued behind it.
 
-    With `worker_process` (on CUDA; not on Windows, which cannot fork) the builder is a forked process. Building an example is ~0.1 ms of
+    With `worker_process` (on CUDA) the builder is a forked process. Building an example is ~0.1 ms of
     Python; on a thread it holds the interpreter lock that the training loop needs to launch kernels: an
     eager BERT-Base step at batch 64 on an H200 took 43 ms instead of 32 (experiments/bench_prefetch.py).
     The process inherits `build` and its data by fork; only step numbers and numpy arrays cross the pipe.
-    Elsewhere a thread: fork is unsafe on macOS, and a CPU's cores run the model anyway.
-    With `pin` the batches arrive in pinned memory, so that copying them to the device runs asynchronously."""
+    Elsewhere, and where the OS cannot fork (Windows), a thread: fork is unsafe on macOS, and a CPU's cores
+    run the model anyway. With `pin` the batches arrive in pinned memory, so that copying them to the device
+    runs asynchronously."""
 
     def __init__(self, build, end: int, ahead: int = 2, worker_process: bool = False, pin: bool = False):
         self.build, self.end, self.ahead, self.pin = build, end, ahead, pin
