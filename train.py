@@ -605,9 +605,10 @@ class Prefetcher:
     exactly `build(step)` (a list of batches), a pure function of the step, built ahead or not (so a resumed
     run gets the same batches); up to `ahead` later steps (below `end`) are queued behind it.
 
-    With `worker_process` (on CUDA) the builder is a forked process. Building an example is ~0.1 ms of
-    Python; on a thread it holds the interpreter lock that the training loop needs to launch kernels: an
-    eager BERT-Base step at batch 64 on an H200 took 43 ms instead of 32 (experiments/bench_prefetch.py).
+    With `worker_process` (on CUDA) the builder is a forked process. Building batches is Python (7.3 ms for
+    64 examples on an H200's host); on a thread it holds the interpreter lock that the training loop needs to
+    launch kernels: an eager BERT-Base step at batch 64 there took 43 ms instead of 32
+    (experiments/bench_prefetch.py).
     The process inherits `build` and its data by fork; only step numbers and numpy arrays cross the pipe.
     Elsewhere, and where the OS cannot fork (Windows), a thread: fork is unsafe on macOS, and a CPU's cores
     run the model anyway. With `pin` the batches arrive in pinned memory, so that copying them to the device

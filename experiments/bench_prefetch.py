@@ -1,10 +1,10 @@
 """train.py's training loop with the next batches built in a worker process against a thread, side by side.
 
-Building an example is ~0.1 ms of Python (experiments/README.md, "Data pipeline speed"). On a thread that
-Python holds the interpreter lock (GIL), which the loop needs to launch each kernel, so on a GPU, where the
-loop's own Python sets the pace of an eager step, the thread slows every step. train.py therefore builds
-batches in a forked worker process on CUDA (train.Prefetcher). This script runs the same Trainer's steps with
-one prefetcher and then the other, in interleaved rounds, and prints ms per step.
+Building an example is 35-115 us of Python (experiments/README.md: "Data pipeline speed", "The GPU step"). On
+a thread that Python holds the interpreter lock (GIL), which the loop needs to launch each kernel, so on a
+GPU, where the loop's own Python sets the pace of an eager step, the thread slows every step. train.py
+therefore builds batches in a forked worker process on CUDA (train.Prefetcher). This script runs the same
+Trainer's steps with one prefetcher and then the other, in interleaved rounds, and prints ms per step.
 
     python experiments/bench_prefetch.py                                  # BERT-Base, batch 64, on the GPU
     python experiments/bench_prefetch.py --device cpu --preset tiny --batch-size 16
