@@ -32,7 +32,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -380,7 +379,6 @@ class Trainer:
         never lands in `wall` (MSLT compiles five models, the baseline one): forward and backward of a
         micro-batch with and without an attention mask (two graphs), nothing updated; logged as `compile_s`."""
         t0 = time.perf_counter()
-        self.model.train()
         batch = self.train_batches.for_step(self.step, self.cfg.batch_size, self.d.rank, self.d.world, 0, self.n_micro)
         for variant in (batch, {k: v for k, v in batch.items() if k != "attention_mask"}):
             self.forward(variant)[0].loss.backward()
@@ -619,7 +617,7 @@ class Prefetcher:
         if worker_process and "fork" in multiprocessing.get_all_start_methods():
             fork = multiprocessing.get_context("fork")
             self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=fork, initializer=install_builder,
-                                                               initargs=(build, os.getpid()))
+                                                               initargs=(build,))
             self.build_ahead = build_as_arrays
         else:
             self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
@@ -645,20 +643,11 @@ class Prefetcher:
 _builder = None  # a worker process's `build` (Prefetcher with worker_process)
 
 
-def install_builder(build, parent: int):
-    """In the worker process: keep `build`; leave Ctrl-C and SIGTERM's stop request to the training process,
-    and exit as soon as it is gone (even by kill -9), so that no orphan keeps the run folder's lock."""
+def install_builder(build):
+    """In the worker process: keep `build`; signals and the parent's death as for data.py's workers."""
     global _builder
     _builder = build
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
-
-
-def exit_with_parent(parent: int):
-    while os.getppid() == parent:
-        time.sleep(0.2)
-    os._exit(0)
+    data.start_worker()
 
 
 def build_as_arrays(step: int) -> list:
@@ -1301,10 +1290,6 @@ def run_until_signalled(trainer: Trainer) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 if __name__ == "__main__":
