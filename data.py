@@ -316,7 +316,10 @@ class Tokenizer:
     def to_hf(self) -> dict:
         """This tokenizer as a tokenizer.json that encodes every text to the same ids: whitespace collapsed and
         stripped, lower-cased with sigma first, split by the same pattern, bytes mapped to BYTE_CHARS, BPE
-        with the merges in rank order. [CLS] A [SEP] B [SEP] gives segment ids 0 then 1."""
+        with the merges in rank order. [CLS] A [SEP] B [SEP] gives segment ids 0 then 1. "[MASK]" in a text is
+        found after normalizing and takes the space before it, as RoBERTa's <mask> does: "went to the [MASK] and"
+        reads as the sentence with one word masked, " and" keeping its space (normalizing each piece around an
+        unnormalized special would strip it)."""
         tokens, vocab = self.hf_tokens(), {}
         for i, token in enumerate(tokens):
             if vocab.setdefault(token, i) != i:
@@ -326,8 +329,8 @@ class Tokenizer:
         special = lambda name, segment: {"SpecialToken": {"id": name, "type_id": segment}}
         text = lambda name, segment: {"Sequence": {"id": name, "type_id": segment}}
         return {"version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True} for i, s in enumerate(SPECIALS)],
+            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": s == "[MASK]", "rstrip": False,
+                              "normalized": s == "[MASK]", "special": True} for i, s in enumerate(SPECIALS)],
             "normalizer": {"type": "Sequence", "normalizers": [
                 {"type": "Replace", "pattern": {"Regex": f"[{SPACE}]+"}, "content": " "},
                 {"type": "Strip", "strip_left": True, "strip_right": True}] + (lower if self.lowercase else [])},

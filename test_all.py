@@ -584,10 +584,11 @@ def test_exported_run_opens_in_transformers(exported_runs, real_sentences, layou
 
     fill = transformers.pipeline("fill-mask", model=folder, top_k=5)
     left, right = "the man went to the", "and bought some bread ."
-    ids = [data.CLS, *tok.encode(left), data.MASK, *tok.encode(right), data.SEP]
-    assert hf_tok(f"{left} [MASK] {right}")["input_ids"] == ids
+    n_left = len(tok.encode(left))  # the sentence with one word masked: " and" keeps its space
+    ids = [data.CLS, *tok.encode(left), data.MASK, *tok.encode(f"{left} {right}")[n_left:], data.SEP]
+    assert hf_tok(f"{left} [MASK] {right}")["input_ids"] == hf_tok(f" {left.upper()}  [MASK]\t{right}")["input_ids"] == ids
     with torch.no_grad():
-        logits = ours(torch.tensor([ids])).mlm_logits[0, len(tok.encode(left)) + 1]
+        logits = ours(torch.tensor([ids])).mlm_logits[0, n_left + 1]
     assert [r["token"] for r in fill(f"{left} [MASK] {right}")] == logits.topk(5).indices.tolist()
 
 
