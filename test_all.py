@@ -1522,6 +1522,9 @@ def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, run_cache):
         tokens = (b["step"] - a["step"]) * 8 * 32
         assert b["tokens_per_s"] == pytest.approx(tokens / (b["wall"] - a["wall"]), rel=0.1), (a, b)
     assert os.path.exists(tmp_path / "broken" / "stage1_end.pt") and os.path.exists(tmp_path / "whole" / "val_loss.svg")
+    plots = tmp_path / "new" / "plots"  # --plot into a folder that does not exist yet: one curve per run
+    assert train.main(["--plot", str(tmp_path / "whole"), str(tmp_path / "broken"), "--out", str(plots)]) == 0
+    assert (plots / "val_loss.svg").read_text().count("<polyline") == 2
 
 
 def started_trainer(argv: list):

@@ -1057,6 +1057,7 @@ def val_curve(records: list) -> list:
 def plot_runs(run_dirs: list, path: str):
     """Validation loss against training wall time (validation excluded) for one or several runs."""
     series = {os.path.basename(os.path.normpath(d)): val_curve(read_log(d)) for d in run_dirs}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # --plot ... --out may name a new folder
     svg_plot(series, path, "training wall time (min, validation excluded)", "validation loss (MLM + NSP)",
              "Validation loss against wall time")
     print(f"wrote {path}")
