@@ -57,6 +57,16 @@ class DataError(ValueError):
     """A problem with the user's data or cache that they can fix; the message says which file and how."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of data.py, train.py and glue.py: the module docstring's layout, then each flag's default unless it
+    is empty or the flag's help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "", []) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tokenizer: byte-level BPE
 
@@ -1266,7 +1276,7 @@ def show_example(tok: Tokenizer, batch: dict, row: int = 0) -> str:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Build (or reuse) the token cache and show a sample batch.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # input
     p.add_argument("--corpus", nargs="*", default=[], help="text files/folders (.txt .raw .jsonl); none = synthetic")
     p.add_argument("--layout", choices=["auto", "lines", "book"], default="auto",

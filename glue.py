@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bert
-from data import DataError, Tokenizer, bert_input, truncate_lengths
+from data import DataError, HelpFormatter, Tokenizer, bert_input, truncate_lengths
 from train import (Dist, adamw, all_reduce_mean, autocast, default_dtype, first_line, fmt_time, launch_rank,
                    locked_folder, param_groups, print0, setup_distributed, unreadable, use_tf32, warmup_then_decay)
 
@@ -658,8 +658,7 @@ def results_table(dirs: list) -> str:
 def parse_args(argv=None) -> tuple:
     """(arguments, the task names, FinetuneConfig); argparse's one-line error and exit 2 on a bad flag."""
     defaults = FinetuneConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", nargs="+", default=[], help="train.py checkpoint(s) or HuggingFace BERT folder(s)")
     g.add_argument("--tokenizer", help="tokenizer JSON (data.Tokenizer.save) for a HuggingFace folder")

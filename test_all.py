@@ -1624,6 +1624,20 @@ def test_pretraining_lr_known_answers():
     assert [train.get_lr(s, cfg, 6) for s in (6, 7)] == pytest.approx([0.25, 0.375])
 
 
+@pytest.mark.parametrize("module", ["data", "train", "glue"])
+def test_help_shows_the_docstring_and_each_default_once(module):
+    """--help of each command: the module docstring with its commands, each flag's default once (not twice where
+    the help says it), and never an empty one ("(default: )", "(default: None)")."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    text = subprocess.run([sys.executable, f"{module}.py", "--help"], cwd=here, capture_output=True, text=True,
+                          check=True).stdout
+    assert f"python {module}.py" in text and "(default: " in text
+    flat = " ".join(text.split())
+    assert "(default: )" not in flat and "(default: None)" not in flat and "(default: [])" not in flat
+    assert "(default: 10 for STS-B and RTE, 3 otherwise) (default" not in flat  # glue's --epochs
+
+
 def test_bad_flags_fail_at_once_naming_them(tmp_path, monkeypatch):
     import train
 

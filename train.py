@@ -1098,10 +1098,6 @@ def export_main(argv) -> int:
 # Command line.
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the module docstring's layout and shows every flag's default."""
-
-
 def parse_args(argv=None) -> tuple:
     """argparse mirroring TrainConfig; returns (config, names of the fields given on the command line, plot
     dirs): under --resume, the fields not given come from the checkpoint (the resume rule, above)."""
@@ -1118,7 +1114,7 @@ def parse_args(argv=None) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags of TrainConfig, grouped as there, each with its default shown by --help."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter,
                                 epilog="Paper-scale recipes are in README.md.")
     d = TrainConfig()
     g = p.add_argument_group("model")

@@ -51,6 +51,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import bert  # noqa: E402
+import data  # noqa: E402
 import stack  # noqa: E402
 import train  # noqa: E402
 from bench_bert import autocast, make_batch, useful_flops  # noqa: E402  (the same batch, dtypes and FLOP rule)
@@ -526,7 +527,7 @@ def plot(path: str, cl: Cluster, k: int, cpu_R: float, measured: dict):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     # calibration
     p.add_argument("--costs", default=os.path.join(ROOT, "experiments", "results", "cost_cpu.json"),
                    help="stage-cost JSON to calibrate on (format in the module docstring)")
