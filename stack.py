@@ -215,7 +215,7 @@ class Schedule:
         """A rough cost of one step of `stage`, in forward passes through one layer: 3 for each trainable layer
         (forward + backward), 3 for the output layer, 1 for each frozen layer (MSLT: forward only). The output
         layer and embeddings as one layer is a round guess; the default run's speeds fit it (3 -> 12 layers:
-        24.3k -> 7.5k tokens/s, 3.24x; this rule: 39 / 12 = 3.25x)."""
+        32.8k -> 9.9k tokens/s, 3.3x; this rule: 39 / 12 = 3.25x)."""
         s = self.stages[stage]
         trainable = s.n_layer if s.trainable_top is None else s.trainable_top
         return 3 * (trainable + 1) + (s.n_layer - trainable)
