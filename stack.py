@@ -220,13 +220,12 @@ class Schedule:
         trainable = s.n_layer if s.trainable_top is None else s.trainable_top
         return 3 * (trainable + 1) + (s.n_layer - trainable)
 
-    def steps_left_at_current_cost(self, step: int) -> float:
-        """The steps from `step` (0-based) to the end, each weighted by its stage's step_cost relative to the
-        stage of `step`: the ETA is this times the current time per step. '3:10,12:10' at 0: 10 + 10 x 39 / 12."""
-        now = self.stage_at(step)[0]
+    def steps_left_at_cost_of(self, stage: int, step: int) -> float:
+        """The steps from `step` (0-based) to the end, each weighted by its stage's step_cost relative to `stage`'s:
+        the ETA is this times the time per step measured in `stage`. '3:10,12:10' from 0 at 0: 10 + 10 x 39 / 12."""
         starts = [0] + self.switch_steps
         left = [max(0, min(s.steps, start + s.steps - step)) for s, start in zip(self.stages, starts)]
-        return sum(n * self.step_cost(i) for i, n in enumerate(left)) / self.step_cost(now)
+        return sum(n * self.step_cost(i) for i, n in enumerate(left)) / self.step_cost(stage)
 
     def spec(self) -> str:
         """The stages in parse_schedule's syntax, e.g. '3:50,6:70:stack,12:280:stack'."""

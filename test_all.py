@@ -1371,11 +1371,12 @@ def test_eta_weights_the_steps_left_by_their_stages_cost():
     output layer 3, frozen layer 1), so a stacking run's first stage does not promise a quarter of the time."""
     s = stack.parse_schedule("3:10,12:10:stack,15:10:mslt:3")  # costs 12, 39 and 3 x 4 + 12 = 24
     assert [s.step_cost(i) for i in range(3)] == [12, 39, 24]
-    assert s.steps_left_at_current_cost(0) == pytest.approx(10 + 10 * 39 / 12 + 10 * 24 / 12)
-    assert s.steps_left_at_current_cost(14) == pytest.approx(6 + 10 * 24 / 39)
-    assert s.steps_left_at_current_cost(25) == 5 and s.steps_left_at_current_cost(30) == 0
+    assert s.steps_left_at_cost_of(0, 0) == pytest.approx(10 + 10 * 39 / 12 + 10 * 24 / 12)
+    assert s.steps_left_at_cost_of(0, 10) == pytest.approx(10 * 39 / 12 + 10 * 24 / 12)  # at a switch, as logged
+    assert s.steps_left_at_cost_of(1, 14) == pytest.approx(6 + 10 * 24 / 39)
+    assert s.steps_left_at_cost_of(2, 25) == 5 and s.steps_left_at_cost_of(2, 30) == 0
     baseline = stack.make_schedule("baseline", 100)
-    assert [baseline.steps_left_at_current_cost(t) for t in (0, 60, 100)] == [100, 40, 0]
+    assert [baseline.steps_left_at_cost_of(0, t) for t in (0, 60, 100)] == [100, 40, 0]
 
 
 @pytest.mark.parametrize("method", stack.METHODS)

@@ -423,7 +423,7 @@ class Trainer:
         c = self.cfg
         steps_per_s = window[1] / max(self.wall - window[0], 1e-9)
         tok_per_s = steps_per_s * c.batch_size * c.seq_len
-        eta = self.schedule.steps_left_at_current_cost(self.step) / steps_per_s  # deeper stages run slower
+        eta = self.schedule.steps_left_at_cost_of(self.stage, self.step) / steps_per_s  # deeper stages run slower
         trainable = bert.count_parameters(self.model)[0]
         self.print(f"step {self.step:>6}/{c.steps} | stage {self.stage + 1}/{len(self.schedule.stages)} "
                    f"{self.model.config.n_layer:>2}L {trainable / 1e6:.2f}M trainable | loss {r['loss']:.3f} "
