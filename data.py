@@ -57,16 +57,6 @@ class DataError(ValueError):
     """A problem with the user's data or cache that they can fix; the message says which file and how."""
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help of data.py, train.py and glue.py: the module docstring's layout, then each flag's default unless it
-    is empty or the flag's help already says it."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, "", []) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Tokenizer: byte-level BPE
 
@@ -1273,6 +1263,16 @@ def show_example(tok: Tokenizer, batch: dict, row: int = 0) -> str:
     text = "".join(f" {SPECIALS[i]} " if i < len(SPECIALS) else tok.decode([i]) for i in ids)
     relation = "random B" if batch["nsp_labels"][row] else "true next B"
     return f"({relation}) " + " ".join(text.split())
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of data.py, train.py and glue.py: the module docstring's layout, then each flag's default unless it
+    is empty or the flag's help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "", []) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 if __name__ == "__main__":
