@@ -1549,6 +1549,12 @@ def started_trainer(argv: list):
     return t
 
 
+def test_resume_where_no_run_is_starts_one_and_says_so(tmp_path, run_cache, capsys):
+    """--resume on a new folder (a mistyped --out, or a job script that always resumes) starts a run, saying so."""
+    t = started_trainer(["--resume", "--steps", "20", "--cache-dir", run_cache, "--out", str(tmp_path / "new")])
+    assert t.step == 0 and "holds no run yet: starting a new one" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("save_every", [2, 5])
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, run_cache, capsys, save_every):
     """A step whose loss is NaN (weights blown up, as after a divergence) ends the run with exit code 1

@@ -312,6 +312,8 @@ class Trainer:
             self.print(f"resumed {self.checkpoint_path} at step {self.step} (stage {self.stage}, "
                        f"{self.model.config.n_layer} layers)")
             return
+        if self.cfg.resume:  # a script that always passes --resume (preemptible jobs) starts this way
+            self.print(f"note: --resume, but {self.out} holds no run yet: starting a new one there")
         if self.d.master:
             for name in run_files(self.out):  # --overwrite: the old run's files go, so no two runs mix
                 os.remove(os.path.join(self.out, name))
