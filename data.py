@@ -1315,6 +1315,8 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {e}")
     except OSError as e:  # e.g. an --out that cannot be written
         raise SystemExit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted: the cache in {args.out} is unfinished; the same command builds it again")
     print(f"report: {json.dumps(prep.report)}")
     for name, split in (("train", prep.train), ("valid", prep.valid)):
         print(f"{name}: {split.num_docs:,} docs, {split.num_sentences:,} sentences, {split.num_tokens:,} tokens")

@@ -754,6 +754,11 @@ def main(argv=None) -> int:
         if launch_rank() == 0:
             print(message, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if launch_rank() == 0:
+            print("interrupted: each finished (task, lr, seed) run is kept in <out>/runs; the same command goes on "
+                  "from there", file=sys.stderr)
+        return 130
 
 
 def finetune_all(a, tasks: list, cfg: FinetuneConfig, outs: list) -> int:

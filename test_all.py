@@ -1691,6 +1691,34 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, run_cache):
         assert ddp[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5), step
 
 
+@pytest.mark.parametrize("module", ["data", "train"])
+def test_ctrl_c_while_the_cache_builds_ends_in_one_line(tmp_path, module):
+    """Ctrl-C (SIGINT) before training, while the token cache builds: one line saying what is kept and what to run,
+    no traceback; the training loop's own handler (finish the step, save) is tested below."""
+    import signal
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = ["--out", str(tmp_path / "cache")] if module == "data" else [
+        "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.Popen([sys.executable, "-u", f"{module}.py", *out], cwd=here, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while "building token cache" not in proc.stdout.readline():
+        pass
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and err.startswith("interrupted: ") and len(err.strip().splitlines()) == 1, err
+    assert "with --resume" in err if module == "train" else "builds it again" in err
+
+
+def test_ctrl_c_during_glue_says_the_finished_runs_are_kept(tmp_path, monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(glue, "finetune_all", interrupted)
+    assert glue.main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path / "glue")]) == 130
+    assert capsys.readouterr().err.startswith("interrupted: each finished (task, lr, seed) run is kept")
+
+
 def test_sigterm_saves_and_the_run_resumes(tmp_path, run_cache):
     """A real SIGTERM mid-run: the step finishes, a checkpoint is written, and --resume completes the run
     with the losses of an uninterrupted one."""

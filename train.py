@@ -1244,6 +1244,8 @@ def main(argv=None) -> int:
         if not isinstance(e.code, str):
             raise
         message = e.code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, whose own handler finishes the step and saves
+        message = "interrupted: what was saved is kept; the same command with --resume goes on from there"
     except Exception as e:
         if launch_rank() == 0:
             raise
