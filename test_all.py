@@ -586,7 +586,8 @@ def test_exported_run_opens_in_transformers(exported_runs, real_sentences, layou
     left, right = "the man went to the", "and bought some bread ."
     n_left = len(tok.encode(left))  # the sentence with one word masked: " and" keeps its space
     ids = [data.CLS, *tok.encode(left), data.MASK, *tok.encode(f"{left} {right}")[n_left:], data.SEP]
-    assert hf_tok(f"{left} [MASK] {right}")["input_ids"] == hf_tok(f" {left.upper()}  [MASK]\t{right}")["input_ids"] == ids
+    for text in (f"{left} [MASK] {right}", f" {left.upper()}  [MASK]\t{right}"):
+        assert hf_tok(text)["input_ids"] == ids, text
     with torch.no_grad():
         logits = ours(torch.tensor([ids])).mlm_logits[0, n_left + 1]
     assert [r["token"] for r in fill(f"{left} [MASK] {right}")] == logits.topk(5).indices.tolist()
@@ -1368,7 +1369,7 @@ def test_stage_at_and_switch_steps():
 
 def test_eta_weights_the_steps_left_by_their_stages_cost():
     """train.py's ETA: steps left counted at their stage's cost relative to the current stage (trainable layer 3,
-    output layer 3, frozen layer 1), so a stacking run's first stage does not promise a quarter of the time."""
+    output layer 3, frozen layer 1), so that a stacking run's first stage does not promise a third of its time."""
     s = stack.parse_schedule("3:10,12:10:stack,15:10:mslt:3")  # costs 12, 39 and 3 x 4 + 12 = 24
     assert [s.step_cost(i) for i in range(3)] == [12, 39, 24]
     assert s.steps_left_at_cost_of(0, 0) == pytest.approx(10 + 10 * 39 / 12 + 10 * 24 / 12)
@@ -1702,8 +1703,9 @@ def test_ctrl_c_while_the_cache_builds_ends_in_one_line(tmp_path, module):
         "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")]
     proc = subprocess.Popen([sys.executable, "-u", f"{module}.py", *out], cwd=here, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    while "building token cache" not in proc.stdout.readline():
-        pass
+    for line in proc.stdout:  # ends at EOF too, should the command fail before building
+        if "building token cache" in line:
+            break
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and err.startswith("interrupted: ") and len(err.strip().splitlines()) == 1, err
