@@ -641,7 +641,8 @@ def results_table(dirs: list) -> str:
         best[folder] = {name: {r["seed"]: r for r in select(task_runs)[1]} for name, task_runs in runs.items()}
     tasks = [t for t in TASKS if any(t in b for b in best.values())]
     common = [t for t in tasks if all(t in b for b in best.values()) and t not in NOT_AVERAGED]
-    lines = [f"| model | {' | '.join(tasks)} | Avg ({len(common)} tasks) |", "|---" * (len(tasks) + 2) + "|"]
+    avg = f"Avg ({len(common)} task{'s' * (len(common) != 1)})"
+    lines = [f"| model | {' | '.join(tasks)} | {avg} |", "|---" * (len(tasks) + 2) + "|"]
     for b in best.values():
         label = next(iter(next(iter(b.values())).values()))["label"]
         cells = [fmt_cell([r["score"] for r in b[t].values()]) if t in b else "–" for t in tasks]

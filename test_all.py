@@ -2435,7 +2435,7 @@ def test_finetune_learns_writes_submission_and_resumes(tmp_path, capsys, one_thr
     capsys.readouterr()
     assert glue.main(["--table", out, out + "-random"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0] == "| model | RTE | Avg (1 tasks) |" and len(table) == 4
+    assert table[0] == "| model | RTE | Avg (1 task) |" and len(table) == 4
     assert "(random init)" in table[3] and "±" in table[3]
 
 
