@@ -1701,13 +1701,17 @@ def test_ctrl_c_while_the_cache_builds_ends_in_one_line(tmp_path, module):
     here = os.path.dirname(os.path.abspath(__file__))
     out = ["--out", str(tmp_path / "cache")] if module == "data" else [
         "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")]
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # a shell's background jobs ignore it
     proc = subprocess.Popen([sys.executable, "-u", f"{module}.py", *out], cwd=here, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for line in proc.stdout:  # ends at EOF too, should the command fail before building
-        if "building token cache" in line:
-            break
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
+    try:
+        for line in proc.stdout:  # ends at EOF too, should the command fail before building
+            if "building token cache" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode != 0 and err.startswith("interrupted: ") and len(err.strip().splitlines()) == 1, err
     assert "with --resume" in err if module == "train" else "builds it again" in err
 
