@@ -608,10 +608,13 @@ def run_task(task: Task, backbone: Backbone, glue_dir: str, out: str, cfg: Finet
     n_done = len(cfg.lrs) * len(cfg.seeds) - len(todo)
     print0(ranks, f"{task.name}: {n_done} runs already finished in {out}, {len(todo)} to do")
     encoded = encode_task(task, backbone, glue_dir, cfg, skip_bad_rows, ranks) if todo else None
-    for lr, seed in todo:
+    t0 = time.time()
+    for i, (lr, seed) in enumerate(todo, 1):
         result = finetune(task, backbone, encoded, lr, seed, cfg, ranks)
         dev = ", ".join(f"{k} {v:.4f}" for k, v in result["dev"].items())
-        print0(ranks, f"{task.name} lr {lr:g} seed {seed}: dev {dev}")
+        eta = fmt_time((time.time() - t0) / i * (len(todo) - i))  # a task's runs cost about the same
+        print0(ranks, f"{task.name} lr {lr:g} seed {seed}: dev {dev} | run {n_done + i} of {n_done + len(todo)}, "
+                      f"{task.name} done in {eta}")
         if ranks.master:
             atomic_write(os.path.join(out, "runs", f"{task.name}_lr{lr:g}_seed{seed}.json"), json.dumps(result))
     if ranks.master:

@@ -2418,7 +2418,9 @@ def test_finetune_learns_writes_submission_and_resumes(tmp_path, capsys, one_thr
     assert lines[0] == "index\tprediction" and len(lines) == 41
     assert [line.split("\t")[0] for line in lines[1:]] == [str(i) for i in range(40)]
     assert {line.split("\t")[1] for line in lines[1:]} == {"entailment", "not_entailment"}
-    assert "| RTE |" in capsys.readouterr().out.splitlines()[-3]  # the results table's header
+    printed = capsys.readouterr().out
+    assert "| RTE |" in printed.splitlines()[-3]  # the results table's header
+    assert "| run 1 of 2, RTE done in " in printed and "| run 2 of 2, RTE done in 0s" in printed
 
     # Resume: nothing is redone (the run files are untouched); other settings in the same folder are refused.
     def stamps():
