@@ -42,6 +42,11 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Iterable, Optional, Sequence
 
+try:
+    import fcntl  # the token cache's build lock (POSIX)
+except ImportError:
+    fcntl = None
+
 import numpy as np
 import regex
 import torch
@@ -1114,15 +1119,46 @@ def prepare(cfg: DataConfig, progress=print) -> Prepared:
     if not cfg.tokenizer:
         check_vocab_size(cfg.vocab_size)
     key = _fingerprint(cfg)
-    cached = _load_cache(cfg.cache_dir, key)
-    reused = cached is not None
-    if reused:
-        progress(f"reusing token cache in {cfg.cache_dir}")
-    else:
-        progress(f"building token cache in {cfg.cache_dir}")
-        _build_cache(cfg, key, progress)
-        cached = _load_cache(cfg.cache_dir, key)  # read back memory-mapped, exactly as a later run will
+    with _build_lock(cfg.cache_dir, progress):
+        cached = _load_cache(cfg.cache_dir, key)
+        reused = cached is not None
+        if reused:
+            progress(f"reusing token cache in {cfg.cache_dir}")
+        else:
+            progress(f"building token cache in {cfg.cache_dir}")
+            _build_cache(cfg, key, progress)
+            cached = _load_cache(cfg.cache_dir, key)  # read back memory-mapped, exactly as a later run will
     return _prepared(cached, reused)
+
+
+@contextlib.contextmanager
+def _build_lock(cache_dir: str, progress):
+    """Hold <cache_dir>/.build.lock while the cache is checked and built, so that two processes (two runs
+    started at once on one --cache-dir) never build it together, the second removing the first's temporaries:
+    the second waits, naming the first's pid, then reuses the cache (or rebuilds it, for other inputs). The
+    kernel drops the lock when its holder dies. A cache folder that cannot be written (a shared, prebuilt
+    one) is read without a lock; where fcntl is missing (Windows) nothing is locked."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        f = open(os.path.join(cache_dir, ".build.lock"), "a+")
+    except OSError:
+        f = None
+    if f is None:
+        yield
+        return
+    with f:
+        if fcntl:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                progress(f"waiting for process {f.read().strip() or '?'}, which is building the token cache in "
+                         f"{cache_dir}")
+                fcntl.flock(f, fcntl.LOCK_EX)
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -833,9 +833,10 @@ def test_one_and_two_workers_write_identical_caches(tmp_path, monkeypatch, max_p
     monkeypatch.setattr(data, "CHUNK_BYTES", 4096)
     caches = [tmp_path / f"w{w}" for w in (1, 2)]
     preps = [data_prep(folder, c, workers=w, max_pretokens=max_pretokens) for w, c in zip((1, 2), caches)]
-    assert sorted(os.listdir(caches[0])) == sorted(os.listdir(caches[1])) == sorted(
+    files = [sorted(set(os.listdir(c)) - {".build.lock"}) for c in caches]  # the lock holds its builder's pid
+    assert files[0] == files[1] == sorted(
         ["header.json", "tokenizer.json"] + [f"{s}.{a}.npy" for s in ("train", "valid") for a in data.SPLIT_ARRAYS])
-    for name in os.listdir(caches[0]):
+    for name in files[0]:
         assert (caches[0] / name).read_bytes() == (caches[1] / name).read_bytes(), name
     prep, tok = preps[0], preps[0].tokenizer
     decoded = sorted(tuple(tok.decode(sp.tokens[sp.sent_starts[s]:sp.sent_starts[s + 1]])
@@ -919,6 +920,32 @@ def test_interrupted_build_leaves_no_usable_cache(tmp_path, monkeypatch, data_co
     again = data_prep(data_corpus_file, cache)
     assert not again.reused and np.array_equal(again.train.tokens, first.train.tokens)
     assert not (cache / "train.tokens.npy.tmp99999").exists()
+
+
+def test_a_second_process_waits_for_the_cache_build_then_reuses_it(tmp_path, data_corpus_file):
+    """Two runs started at once on one --cache-dir: the second waits for the first's build (it used to remove the
+    first's temporaries, ending it with "No such file or directory"), names its pid, then reuses the cache."""
+    import subprocess
+    import time
+    cache = tmp_path / "cache"
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys, time, data\n"
+            "cfg = data.DataConfig(corpus=[sys.argv[2]], cache_dir=sys.argv[1], vocab_size=400)\n"
+            "with data._build_lock(sys.argv[1], print):  # as prepare holds it while it builds\n"
+            "    print('locked', flush=True)\n    time.sleep(1.5)\n"
+            "    data._build_cache(cfg, data._fingerprint(cfg), lambda *a: None)\n")
+    first = subprocess.Popen([sys.executable, "-c", code, str(cache), data_corpus_file], cwd=here, text=True,
+                             stdout=subprocess.PIPE)
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        messages, t0 = [], time.time()
+        cfg = data.DataConfig(corpus=[data_corpus_file], cache_dir=str(cache), vocab_size=400)
+        second = data.prepare(cfg, progress=messages.append)
+        assert first.wait(timeout=60) == 0 and time.time() - t0 > 1
+    finally:
+        first.kill()
+    assert messages[0] == f"waiting for process {first.pid}, which is building the token cache in {cache}"
+    assert second.reused and messages[1] == f"reusing token cache in {cache}"
 
 
 SLOW_BUILD_LAUNCHER = """
