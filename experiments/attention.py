@@ -125,7 +125,7 @@ def heatmap_svg(panels: list, labels: list, path: str, title: str):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     p.add_argument("--stack-run", default="runs/compare/stack", help="a train.py run of --method stack")
     p.add_argument("--identity-run", default="runs/compare/identity", help="a train.py run of --method identity")
     p.add_argument("--out", default="", help="output directory (default: the stack run's parent)")

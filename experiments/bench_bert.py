@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import bert  # noqa: E402
+import data  # noqa: E402
 
 SHAPES = {"12x256": "cpu-12x256", "base": "bert-base"}  # table name -> bert.PRESETS name
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # table name -> autocast dtype (None = plain float32)
@@ -155,7 +156,7 @@ def build_pair(shape: str, batch_size: int, seq: int, device: torch.device, adam
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.HelpFormatter)
     # what to measure
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to run on")
     p.add_argument("--shapes", default="12x256,base", help=f"comma-separated model shapes from {list(SHAPES)}")

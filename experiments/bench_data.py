@@ -196,7 +196,7 @@ def scale(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     # corpus
     p.add_argument("--gutenberg", default=os.path.join(SHARED, "gutenberg"), help="folder of Gutenberg books (*.txt)")
     p.add_argument("--brown", default=os.path.join(SHARED, "brown", "brown.txt"), help="Brown corpus, one sentence per line")

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import bert  # noqa: E402
+import data  # noqa: E402
 import train  # noqa: E402
 from bench_bert import sync  # noqa: E402
 
@@ -37,7 +38,7 @@ def timed_step(optimizer, grads: dict, device: torch.device) -> float:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.HelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to run on")
     p.add_argument("--preset", default="cpu-12x256", choices=list(bert.PRESETS), help="model size")
     p.add_argument("--vocab-size", type=int, default=30522, help="vocabulary (the embedding is ~40%% of 12x256)")

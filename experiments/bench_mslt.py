@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import bert  # noqa: E402
+import data  # noqa: E402
 import stack  # noqa: E402
 from bench_bert import DTYPES, SHAPES, autocast, make_batch, sync  # noqa: E402  (same batch and timing helpers)
 
@@ -72,7 +73,7 @@ def build_runners(shape: str, batch_size: int, seq: int, device: torch.device, k
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.HelpFormatter)
     # what to measure
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to run on")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="fp32 (plain float32) or bf16 (bfloat16 autocast)")

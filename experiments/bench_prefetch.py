@@ -20,6 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import data  # noqa: E402
 import train  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def timed_steps(t: train.Trainer, n: int) -> float:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.HelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default="bert-base", help="model size (train.py --preset)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per step")

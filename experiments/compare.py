@@ -62,7 +62,7 @@ QUICK = dict(preset="tiny", corpus=[], vocab_size=1000, seq_len=64, steps=200, e
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     # what to run
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="which runs, in order")
     p.add_argument("--out", default="runs/compare", help="directory of the runs and the results")

@@ -39,6 +39,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import bert  # noqa: E402
+import data  # noqa: E402
 import train  # noqa: E402
 
 # Sizes of the full check (one GPU) and of --quick (toys, for a CPU).
@@ -262,7 +263,7 @@ def eager_vs_compile(sizes: dict, work: str, device: torch.device, backend: str)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.HelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"], help="device to check")
     p.add_argument("--quick", action="store_true", help="toy sizes (a CPU check of the script itself)")
     p.add_argument("--skip", nargs="*", default=[], metavar="SECTION",
