@@ -1302,8 +1302,8 @@ def show_example(tok: Tokenizer, batch: dict, row: int = 0) -> str:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help of data.py, train.py and glue.py: the module docstring's layout, then each flag's default unless it
-    is empty or the flag's help already says it."""
+    """--help of every command here (data.py, train.py, glue.py, experiments/): the description's layout kept,
+    then each flag's default unless it is empty or the flag's help already says it."""
 
     def _get_help_string(self, action):
         if action.default in (None, "", []) or "default" in (action.help or ""):
