@@ -620,7 +620,7 @@ def run_task(task: Task, backbone: Backbone, glue_dir: str, out: str, cfg: Finet
     if ranks.master:
         best_lr, best = select(load_runs(out)[task.name])
         score = fmt_cell([r["score"] for r in best])
-        print(f"{task.name}: best lr {best_lr:g}, dev score {score} over {len(best)} seeds")
+        print(f"{task.name}: best lr {best_lr:g}, dev score {score} over {len(best)} seed{'s' * (len(best) != 1)}")
         for path in write_submission(best, out):
             print(f"  wrote {path}")
 
