@@ -1555,13 +1555,17 @@ def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, run_cache):
     other.write_text("".join(f"Document {d} says {d} things. It ends here.\n\n" for d in range(50)))
     with pytest.raises(SystemExit, match="another tokenizer"):
         train.main(broken + ["--resume", "--corpus", str(other), "--cache-dir", str(tmp_path / "other-cache")])
-    # the logged speed is tokens over training time (validation, saving and growth excluded), as the wall is
-    assert train.main(args + ["--out", str(tmp_path / "speed"), "--log-every", "4", "--eval-every", "3"]) == 0
-    rows = [r for r in train.read_log(str(tmp_path / "speed")) if "tokens_per_s" in r]
-    assert [r["step"] for r in rows] == [4, 8, 10]
-    for a, b in zip(rows, rows[1:]):
-        tokens = (b["step"] - a["step"]) * 8 * 32
-        assert b["tokens_per_s"] == pytest.approx(tokens / (b["wall"] - a["wall"]), rel=0.1), (a, b)
+    # the logged speed is tokens over training time (validation, saving and growth excluded, as in the wall) since
+    # the last progress line or, when later, the last switch: a line's speed is its stage's
+    speed = ["--schedule", "3:2,6:10,12:12", "--steps", "24", "--log-every", "8", "--eval-every", "5"]
+    assert train.main(args + speed + ["--out", str(tmp_path / "speed")]) == 0
+    records = train.read_log(str(tmp_path / "speed"))
+    rows, wall_at = [r for r in records if "tokens_per_s" in r], {0: 0.0, **{r["step"]: r["wall"] for r in records}}
+    assert [r["step"] for r in rows] == [8, 16, 24] and {2, 12} <= set(wall_at)  # validated at each switch
+    for a, b in zip([{"step": 0}] + rows, rows):
+        start = max([a["step"]] + [s for s in (2, 12) if s < b["step"]])
+        tokens = (b["step"] - start) * 8 * 32
+        assert b["tokens_per_s"] == pytest.approx(tokens / (b["wall"] - wall_at[start]), rel=0.1), (start, b)
     assert os.path.exists(tmp_path / "broken" / "stage1_end.pt") and os.path.exists(tmp_path / "whole" / "val_loss.svg")
     plots = tmp_path / "new" / "plots"  # --plot into a folder that does not exist yet: one curve per run
     assert train.main(["--plot", str(tmp_path / "whole"), str(tmp_path / "broken"), "--out", str(plots)]) == 0

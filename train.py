@@ -197,6 +197,7 @@ class Trainer:
                     self.log(self.validate())
                 self.grow(stage)
                 self.save()
+                window = (self.wall, 0)  # the next line's speed (and ETA) from this stage's steps alone
             if self.compile_pending:
                 self.compile_stage()
             t0 = time.perf_counter()
@@ -421,7 +422,8 @@ class Trainer:
                    f"acc {v['val_mlm_acc']:.3f}, nsp acc {v['val_nsp_acc']:.3f}) | wall {fmt_time(self.wall)}")
 
     def log_progress(self, r: StepStats, window: tuple):
-        """The progress line and its log record; speed over the `window` (wall, steps) since the last one."""
+        """The progress line and its log record; speed over the `window` (wall, steps) since the last line or, if
+        later, the last switch."""
         c = self.cfg
         steps_per_s = window[1] / max(self.wall - window[0], 1e-9)
         tok_per_s = steps_per_s * c.batch_size * c.seq_len
