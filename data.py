@@ -43,7 +43,7 @@ from itertools import chain
 from typing import Iterable, Optional, Sequence
 
 try:
-    import fcntl  # the token cache's build lock (POSIX)
+    import fcntl  # pid_lock (POSIX)
 except ImportError:
     fcntl = None
 
@@ -1135,25 +1135,31 @@ def prepare(cfg: DataConfig, progress=print) -> Prepared:
 def _build_lock(cache_dir: str, progress):
     """Hold <cache_dir>/.build.lock while the cache is checked and built, so that two processes (two runs
     started at once on one --cache-dir) never build it together, the second removing the first's temporaries:
-    the second waits, naming the first's pid, then reuses the cache (or rebuilds it, for other inputs). The
-    kernel drops the lock when its holder dies. A cache folder that cannot be written (a shared, prebuilt
-    one) is read without a lock; where fcntl is missing (Windows) nothing is locked."""
-    try:
+    the second waits, naming the first's pid, then reuses the cache (or rebuilds it, for other inputs). A cache
+    folder that cannot be written (a shared, prebuilt one) is read without a lock."""
+    with contextlib.suppress(OSError):
         os.makedirs(cache_dir, exist_ok=True)
-        f = open(os.path.join(cache_dir, ".build.lock"), "a+")
-    except OSError:
-        f = None
-    if f is None:
+    if not os.access(cache_dir, os.W_OK):
         yield
         return
-    with f:
+    with pid_lock(os.path.join(cache_dir, ".build.lock"), lambda pid: progress(
+            f"waiting for process {pid}, which is building the token cache in {cache_dir}")):
+        yield
+
+
+@contextlib.contextmanager
+def pid_lock(path: str, busy):
+    """Hold an exclusive flock on the file `path`, which then holds this process's pid. If another process holds
+    it, busy(its pid) is called first: it may raise (fail at once) or return (then wait for the lock). The
+    kernel drops the lock when its holder dies, even by kill -9, so a file left behind never blocks. Where
+    fcntl is missing (Windows) nothing is locked. The run folder's lock (train.py) and the cache's use it."""
+    with open(path, "a+") as f:
         if fcntl:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
-                progress(f"waiting for process {f.read().strip() or '?'}, which is building the token cache in "
-                         f"{cache_dir}")
+                busy(f.read().strip() or "?")
                 fcntl.flock(f, fcntl.LOCK_EX)
         f.truncate(0)
         f.write(str(os.getpid()))

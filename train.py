@@ -36,11 +36,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-try:
-    import fcntl  # run-folder locks (POSIX)
-except ImportError:
-    fcntl = None
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -852,25 +847,20 @@ def check_run_folder(cfg: TrainConfig):
 @contextlib.contextmanager
 def locked_folder(folder: str, flag: str = "--out"):
     """Hold an exclusive lock on <folder>/.lock while the block runs, so two processes never write one run.
-    A second process fails at once, naming the folder and the holder's pid. The kernel drops the lock when its
-    holder dies, even by kill -9, so a .lock file left behind never blocks. A folder made here that is
-    left empty (a refused run) is removed again. Where fcntl is missing (Windows) nothing is locked."""
+    A second process fails at once, naming the folder and the holder's pid (data.pid_lock: a .lock file left
+    behind by a dead holder never blocks). A folder made here that is left empty (a refused run) is removed
+    again."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise SystemExit(f"error: {flag} {folder} is a file, not a folder; choose another {flag}")
     made = not os.path.exists(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, ".lock")
-    with open(path, "a+") as f:
-        try:
-            if fcntl:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise SystemExit(f"error: {folder} is in use by another process (pid {f.read().strip() or '?'}); "
-                             f"wait for it to end, or choose another {flag}") from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
+
+    def refuse(pid):
+        raise SystemExit(f"error: {folder} is in use by another process (pid {pid}); wait for it to end, or "
+                         f"choose another {flag}")
+
+    with data.pid_lock(path, refuse):
         try:
             yield
         finally:
