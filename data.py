@@ -211,8 +211,7 @@ class Tokenizer:
     FORMAT, VERSION = "bert-byte-bpe", 3
     pad_id, unk_id, cls_id, sep_id, mask_id = PAD, UNK, CLS, SEP, MASK
 
-    def __init__(self, merges: Sequence, lowercase: bool = True, pretoken: str = PRETOKEN.pattern,
-                 prefix_space: bool = True):
+    def __init__(self, merges: Sequence, lowercase: bool = True, pretoken: str = PRETOKEN.pattern, prefix_space=True):
         self.merges = [tuple(m) for m in merges]
         self.lowercase, self.prefix_space = lowercase, prefix_space
         self.pretoken = re.compile(pretoken)  # a saved tokenizer keeps its own classes under another Unicode version
@@ -247,7 +246,7 @@ class Tokenizer:
         (v2 tokenizers: "hello world"). Capital sigma becomes "σ" even at a word's end, where str.lower alone
         writes "ς": character by character, as the tokenizers library lower-cases."""
         text = " ".join(text.split())  # the same whitespace as re's \s
-        text = " " + text if self.prefix_space and text else text
+        text = " " + text if text and self.prefix_space else text
         if SURROGATE.search(text):
             text = SURROGATE.sub("\ufffd", text)
         return text.replace("Σ", "σ").lower() if self.lowercase else text
@@ -301,7 +300,7 @@ class Tokenizer:
     def from_dict(cls, d: dict) -> "Tokenizer":
         """A tokenizer from to_dict's state, of this version or v2 (saved before prefix_space: no space)."""
         if d.get("format") != cls.FORMAT or d.get("version") not in (2, cls.VERSION):
-            raise DataError(f"not a {cls.FORMAT} v{cls.VERSION} tokenizer: format={d.get('format')!r}, "
+            raise DataError(f"not a {cls.FORMAT} v2 or v{cls.VERSION} tokenizer: format={d.get('format')!r}, "
                             f"version={d.get('version')!r}; one of another data.py version must be trained again")
         if d.get("specials") != SPECIALS:
             raise DataError("tokenizer was saved with other special tokens; retrain it")
@@ -342,17 +341,16 @@ class Tokenizer:
             if vocab.setdefault(token, i) != i:
                 raise DataError(f"tokens {vocab[token]} and {i} are the same bytes {token!r}; tokenizer.json "
                                 f"cannot tell them apart")
-        sigma = {"type": "Replace", "pattern": {"String": "Σ"}, "content": "σ"}
-        lower = [sigma, {"type": "Lowercase"}] if self.lowercase else []
+        lower = [{"type": "Replace", "pattern": {"String": "Σ"}, "content": "σ"}, {"type": "Lowercase"}]
         prefix = [{"type": "Prepend", "prepend": " "}] if self.prefix_space else []  # before a non-empty text only
+        normalizers = [{"type": "Replace", "pattern": {"Regex": f"[{SPACE}]+"}, "content": " "},
+                       {"type": "Strip", "strip_left": True, "strip_right": True}] + (lower if self.lowercase else [])
         special = lambda name, segment: {"SpecialToken": {"id": name, "type_id": segment}}
         text = lambda name, segment: {"Sequence": {"id": name, "type_id": segment}}
         return {"version": "1.0", "truncation": None, "padding": None,
             "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": s == "[MASK]", "rstrip": False,
                               "normalized": s == "[MASK]", "special": True} for i, s in enumerate(SPECIALS)],
-            "normalizer": {"type": "Sequence", "normalizers": [
-                {"type": "Replace", "pattern": {"Regex": f"[{SPACE}]+"}, "content": " "},
-                {"type": "Strip", "strip_left": True, "strip_right": True}] + lower + prefix},
+            "normalizer": {"type": "Sequence", "normalizers": normalizers + prefix},
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": self.pretoken.pattern}, "behavior": "Isolated", "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
@@ -372,10 +370,9 @@ class Tokenizer:
         try:
             vocab = d["model"]["vocab"]
             merges = [m.split(" ") if isinstance(m, str) else m for m in d["model"]["merges"]]
-            split = next(p for p in d["pre_tokenizer"]["pretokenizers"] if p["type"] == "Split")
+            pattern = next(p["pattern"]["Regex"] for p in d["pre_tokenizer"]["pretokenizers"] if p["type"] == "Split")
             kinds = [n["type"] for n in d["normalizer"]["normalizers"]]
-            tok = cls([(vocab[a], vocab[b]) for a, b in merges], "Lowercase" in kinds, split["pattern"]["Regex"],
-                      "Prepend" in kinds)
+            tok = cls([(vocab[a], vocab[b]) for a, b in merges], "Lowercase" in kinds, pattern, "Prepend" in kinds)
         except (KeyError, TypeError, ValueError, StopIteration) as e:
             raise DataError(f"not a tokenizer.json written by data.Tokenizer.save_hf ({type(e).__name__}: {e})") \
                 from None

@@ -252,7 +252,8 @@ class Schedule:
             top = f", top {s.trainable_top}" if s.trainable_top is not None else ""
             return f"{s.n_layer}L x {s.steps}" + (f" ({s.grow}{top})" if s.grow != "init" else "")
         groups = f" (groups of {self.group_size})" if self.group_size > 1 else ""
-        return f"{self.method}{groups}: " + " -> ".join(one(s) for s in self.stages)
+        long = f"; the last {self.long_steps} longer, {self.long_cost:.1f}x the cost" if self.long_steps else ""
+        return f"{self.method}{groups}: " + " -> ".join(one(s) for s in self.stages) + long
 
 
 def length_cost(seq_len: int, long_seq_len: int, d_model: int) -> float:

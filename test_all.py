@@ -650,6 +650,31 @@ def test_export_round_trips_through_load_hf_and_glue(tmp_path, exported_runs, la
     assert glue.load_runs(str(tmp_path / "out"))["RTE"]
 
 
+def test_a_checkpoint_from_before_tokenizer_v3_keeps_its_convention(tmp_path, run_cache, one_thread):
+    """A checkpoint saved before tokenizer v3 (a v2 tokenizer: no space before a text; no --long-seq-len in its
+    flags) fine-tunes and exports with its own convention: glue.py's tokenizer and the exported tokenizer.json (no
+    Prepend) give v2's ids. --resume refuses it in one line that says why."""
+    import train
+    tokenizers = pytest.importorskip("tokenizers")
+    out = tmp_path / "old"
+    assert train.main(TINY_RUN + ["--method", "baseline", "--steps", "3", "--cache-dir", run_cache, "--out", str(out)]) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    new_tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+    ckpt["tokenizer"] = {k: v for k, v in dict(ckpt["tokenizer"], version=2).items() if k != "prefix_space"}
+    ckpt["train_config"] = {k: v for k, v in ckpt["train_config"].items() if not k.startswith("long_")}
+    torch.save(ckpt, out / "checkpoint.pt")
+    text = "A vemo kires the tupas. The tupas kire a vemo."
+    old_ids = data.Tokenizer(new_tok.merges, prefix_space=False).encode(text)
+    assert old_ids != new_tok.encode(text)
+    assert glue.load_backbone(str(out / "checkpoint.pt")).tokenizer.encode(text) == old_ids
+    assert train.main(["--export-hf", str(tmp_path / "hf"), "--checkpoint", str(out / "checkpoint.pt")]) == 0
+    exported = tokenizers.Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    assert exported.encode(text, add_special_tokens=False).ids == old_ids
+    with pytest.raises(SystemExit, match="another tokenizer .* begun before tokenizer v3") as e:
+        train.main(["--resume", "--out", str(out)])
+    one_line_error(e)
+
+
 def test_export_errors_are_one_line(tmp_path):
     import train
     with pytest.raises(SystemExit, match="error: checkpoint .*missing.pt does not exist"):
@@ -659,7 +684,7 @@ def test_export_errors_are_one_line(tmp_path):
     ckpt = torch.load(path, weights_only=True)
     torch.save({**dict.fromkeys(train.CHECKPOINT_KEYS, 0), **ckpt, "format": train.CHECKPOINT_FORMAT,
                 "version": train.CHECKPOINT_VERSION, "tokenizer": dict(ckpt["tokenizer"], version=1)}, path)
-    with pytest.raises(SystemExit, match="error: --export-hf .*v2 tokenizer"):
+    with pytest.raises(SystemExit, match="error: --export-hf .*v2 or v3 tokenizer"):
         train.main(["--export-hf", str(tmp_path / "hf"), "--checkpoint", path])
 
 

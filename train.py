@@ -129,7 +129,7 @@ def resumed_config(cfg: TrainConfig, given: set) -> TrainConfig:
 
 def check_resumable(ckpt: dict, cfg: TrainConfig, path: str):
     """The rule's second half, when the checkpoint is loaded: refuse other settings, naming each flag."""
-    saved = ckpt["train_config"]
+    saved = {**asdict(TrainConfig()), **ckpt["train_config"]}  # a flag newer than the checkpoint: its default
     diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {v!r}"
              for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if diffs:
@@ -183,9 +183,7 @@ class Trainer:
     def run(self) -> int:
         """Train to the end of the schedule (or to a stop request); returns the process exit code."""
         cfg = self.cfg
-        long = f", {cfg.long_seq_len} from step {self.long_start}" if cfg.long_seq_len else ""
-        self.print(f"schedule: {self.schedule} ({cfg.seq_len} tokens{long})\n{bert.describe(self.model)}\n"
-                   f"{data.reference_line(self.prepared)}")
+        self.print(f"schedule: {self.schedule}\n{bert.describe(self.model)}\n{data.reference_line(self.prepared)}")
         window = (self.wall, 0)  # (wall, steps) since the last progress line: speed from training time only
         first_wall = self.wall
         r = None  # the last step's statistics (StepStats), read one step late or when needed
@@ -339,7 +337,8 @@ class Trainer:
         if ckpt["tokenizer"] != self.prepared.tokenizer.to_dict():
             raise SystemExit(f"error: {path} was trained with another tokenizer than the one in "
                              f"--cache-dir {self.cfg.cache_dir} for --corpus {self.cfg.corpus or '(synthetic)'}; "
-                             f"resume with the run's own corpus and cache (leave both flags out)")
+                             f"resume with the run's own corpus and cache (leave both flags out); a run begun before "
+                             f"tokenizer v3 (a space before each sentence) with the project version that began it")
         model = model_from_checkpoint(ckpt, path, ways_on(self.out))
         stack.set_trainable(model, self.schedule.stages[ckpt["stage"]].trainable_top)
         self.set_model(model, ckpt["stage"], ckpt["step"])
@@ -713,8 +712,8 @@ def run_schedule(cfg: TrainConfig):
     schedule = stack.parse_schedule(cfg.schedule, grow=cfg.grow) if cfg.schedule else \
         stack.make_schedule(cfg.method, cfg.steps, n_layer=size.n_layer, k=cfg.k)
     long_steps = max(1, round(cfg.long_fraction * cfg.steps)) if cfg.long_seq_len else 0
-    cost = stack.length_cost(cfg.seq_len, cfg.long_seq_len or cfg.seq_len, size.d_model)
-    return dataclasses.replace(schedule, long_steps=long_steps, long_cost=cost)
+    return dataclasses.replace(schedule, long_steps=long_steps,
+                               long_cost=stack.length_cost(cfg.seq_len, cfg.long_seq_len or cfg.seq_len, size.d_model))
 
 
 def prepare_data(cfg: TrainConfig, d: Dist):
@@ -1214,11 +1213,10 @@ def finish_config(cfg: TrainConfig, world: int) -> TrainConfig:
         schedule = run_schedule(cfg)  # validates itself
     except ValueError as e:
         raise SystemExit(f"error: --method/--schedule/--steps/--k/--long-fraction: {e}")
-    depth = bert.PRESETS[cfg.preset].n_layer
-    if schedule.total_steps != cfg.steps or schedule.stages[-1].n_layer != depth:
+    if schedule.total_steps != cfg.steps or schedule.stages[-1].n_layer != bert.PRESETS[cfg.preset].n_layer:
         raise SystemExit(f"error: --schedule {cfg.schedule!r} has {schedule.total_steps} steps and ends at "
                          f"{schedule.stages[-1].n_layer} layers; --steps is {cfg.steps} and --preset {cfg.preset} "
-                         f"has {depth} layers")
+                         f"has {bert.PRESETS[cfg.preset].n_layer} layers")
     return cfg
 
 
@@ -1229,8 +1227,7 @@ def flag_errors(cfg: TrainConfig) -> list:
              ("k", cfg.k >= 1, "positive"),
              ("vocab_size", cfg.vocab_size >= data.N_BASE, f"at least {data.N_BASE} (5 specials + 256 bytes)"),
              ("seq_len", 8 <= cfg.seq_len <= 512, "between 8 and 512"), ("batch_size", cfg.batch_size >= 1, "positive"),
-             ("long_seq_len", not cfg.long_seq_len or cfg.seq_len < cfg.long_seq_len <= 512, "0, or 512 at most and"
-              f" longer than --seq-len {cfg.seq_len}"),
+             ("long_seq_len", not cfg.long_seq_len or cfg.seq_len < cfg.long_seq_len <= 512, "0 or (--seq-len, 512]"),
              ("long_fraction", 0 < cfg.long_fraction < 1, "in (0, 1)"),
              ("micro_batch", cfg.micro_batch >= 0, "0 (batch / world size) or positive"),
              ("data_seed", cfg.data_seed >= 0, "0 or positive"), ("seed", cfg.seed >= 0, "0 or positive"),
