@@ -871,7 +871,7 @@ def test_split_is_a_seeded_hash_per_document(tmp_path):
         prep = data_prep(path, tmp_path / f"cache{n_docs}-{seed}", seed=seed)
         v, tok = prep.valid, prep.tokenizer
         assert prep.train.num_docs + v.num_docs == n_docs
-        return [int(tok.decode(v.tokens[v.sent_starts[d]:v.sent_starts[d + 1]])[1:-3]) for d in v.doc_starts[:-1]]
+        return [int(tok.decode(v.tokens[v.sent_starts[d]:v.sent_starts[d + 1]]).strip()[1:-3]) for d in v.doc_starts[:-1]]
 
     scores = {seed: [data.split_score(seed, (0, 3 * i + 1)) for i in range(1000)] for seed in (3, 4)}  # doc i: line 3i+1
     for seed in (3, 4):
