@@ -36,6 +36,7 @@ import socket
 import sys
 import threading
 import time
+from collections import namedtuple
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Optional
@@ -729,12 +730,10 @@ def prepare_data(cfg: TrainConfig, d: Dist):
     return prepared
 
 
-@dataclass
-class View:
-    """What one rank sees of a folder that rank 0 names (rank0_views)."""
-    node: str  # "node 1 (hostname)": torchrun's node rank and the host
-    first_rank: int  # the global rank of its node's local rank 0
-    sees_rank0: bool  # whether its copy of the folder is rank 0's (a shared filesystem) or its node's own
+# What one rank sees of a folder that rank 0 names (rank0_views): its node ("node 1 (hostname)": torchrun's node
+# rank and the host), the global rank of its node's local rank 0, and whether its copy of the folder is rank 0's
+# (a shared filesystem) or its node's own (a node-local disk).
+View = namedtuple("View", "node first_rank sees_rank0")
 
 
 def rank0_views(d: Dist, folder: str) -> tuple:
@@ -752,9 +751,14 @@ def rank0_views(d: Dist, folder: str) -> tuple:
     with contextlib.suppress(OSError), open(marker) as f:
         seen = f.read() == run_id[0]
     node = f"node {os.environ.get('GROUP_RANK', '0')} ({socket.gethostname()})"
-    views = [None] * d.world
-    dist.all_gather_object(views, View(node, d.rank - d.local_rank, seen), group=d.host_group)
-    return run_id[0], views
+    return run_id[0], gather(d, View(node, d.rank - d.local_rank, seen))
+
+
+def gather(d: Dist, value) -> list:
+    """Every rank's `value` (a small picklable one), on every rank: one collective on the host."""
+    values = [None] * d.world
+    dist.all_gather_object(values, value, group=d.host_group)
+    return values
 
 
 def require_shared(d: Dist, folder: str, flag: str):
@@ -779,8 +783,8 @@ def build_with_heartbeat(d: Dist, key: str, build):
     try:
         prepared = build()
     except BaseException as e:
-        failed = f"rank {d.rank} stopped building the token cache ({type(e).__name__})"
-        store.set(key, str(e) if isinstance(e, data.DataError) else failed)
+        store.set(key, str(e) if isinstance(e, data.DataError) else
+                  f"rank {d.rank} stopped building the token cache ({type(e).__name__})")
         raise
     finally:
         stop.set()
@@ -830,8 +834,7 @@ def lost_rank(d: Dist, what: str):
 def check_same_data(d: Dist, prepared: data.Prepared, views: list, cache_dir: str):
     """One collective: every rank's data fingerprint (tokenizer and arrays) against rank 0's. A difference
     (other corpus files, or settings, on a node's own disk) stops every rank, naming both nodes."""
-    prints = [None] * d.world
-    dist.all_gather_object(prints, prepared.fingerprint, group=d.host_group)
+    prints = gather(d, prepared.fingerprint)
     other = next((r for r, p in enumerate(prints) if p != prints[0]), None)
     if other is not None:
         raise SystemExit(f"error: the token cache in --cache-dir {cache_dir} differs between {views[0].node} and "
