@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bert
 from data import DataError, HelpFormatter, Tokenizer, bert_input, truncate_lengths
 from train import (Dist, adamw, all_reduce_mean, autocast, default_dtype, first_line, fmt_time, launch_rank,
-                   locked_folder, param_groups, print0, setup_distributed, unreadable, use_tf32, warmup_then_decay)
+                   locked_folder, param_groups, print0, require_shared, setup_distributed, unreadable, use_tf32,
+                   warmup_then_decay)
 
 DEFAULT_GLUE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "glue")
 
@@ -768,6 +769,8 @@ def main(argv=None) -> int:
 def finetune_all(a, tasks: list, cfg: FinetuneConfig, outs: list) -> int:
     """Every task of every --checkpoint into its results folder, then the results tables."""
     ranks = setup_distributed(cfg.device)
+    for out in outs:
+        require_shared(ranks, out, "--out")
     for path, out in zip(a.checkpoint, outs):
         backbone = load_backbone(path, a.random_init, a.tokenizer)
         if cfg.max_seq_len > backbone.config.max_position:
