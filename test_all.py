@@ -2593,11 +2593,12 @@ def test_squad_offsets_survive_lowercasing_and_non_latin_text():
     tok = data.Tokenizer.train(["café au lait in istanbul σοφια said naïve résumé 東京 москва столица"] * 3, 300)
     answers = ["Café", "İSTANBUL", "ΣΟΦΙΑΣ said", "naïve résumé!", "東京は日本", "Москва — столица"]
     qs = [squad.Question(str(i), "where?", context, [(a, context.index(a))]) for i, a in enumerate(answers)]
-    feats = squad.featurize(qs, tok, squad.SquadConfig(max_seq_len=200, device="cpu"))
-    for (number, start, _), label, shift in zip(feats.windows, feats.enc.labels.tolist(), feats.enc.n_first):
-        spans = feats.spans[number]
-        first, last = label[0] - shift + start, label[1] - shift + start
-        assert context[spans[first, 0]:spans[last, 1]] == answers[number]
+    for t in data.Tokenizer([], lowercase=False), tok:  # cased bytes; lower-cased BPE
+        feats = squad.featurize(qs, t, squad.SquadConfig(max_seq_len=200, device="cpu"))
+        for (number, start, _), label, shift in zip(feats.windows, feats.enc.labels.tolist(), feats.enc.n_first):
+            spans = feats.spans[number]
+            first, last = label[0] - shift + start, label[1] - shift + start
+            assert context[spans[first, 0]:spans[last, 1]] == answers[number]
     ids, spans = tok.encode(context), feats.spans[0]
     for word in re.finditer(r"\S+", context):  # the tokens of each word spell its normalized form
         inside = [i for i, (a, b) in zip(ids, spans) if word.start() <= a and b <= word.end()]
@@ -2628,6 +2629,14 @@ def test_squad_windows_stride_labels_and_max_context():
     assert null == (2, 1, 1)  # the least [CLS] start + end over the windows, and its two logits
     best = squad.best_answers(q, feats.spans[0], found, n_best=2)
     assert [(b["text"], b["start_logit"] + b["end_logit"]) for b in best] == [("e", 10), ("d", 2)]
+    # SQuAD 1.1: always an answer, no null odds, no NoAns split
+    torch.manual_seed(0)
+    model = squad.SquadModel(bert.Bert(BertConfig(vocab_size=261, max_position=8, n_layer=1, n_head=1, d_model=8,
+                                                  d_ff=8)), tok.pad_id)
+    files, metrics, threshold = squad.predict(model, feats, replace(cfg, version="1.1"))
+    assert files.keys() == {"predictions", "nbest_predictions"} and threshold is None
+    assert files["predictions"]["q"] in "abcdefghij" and files["predictions"]["q"] != ""
+    assert set(metrics) == {"exact", "f1", "HasAns_exact", "HasAns_f1"}
 
 
 def test_squad_null_threshold_maximizes_f1():
@@ -2712,6 +2721,8 @@ def test_squad_learns_writes_official_files_and_resumes(tmp_path, capsys, one_th
     (lambda qa, p: qa.pop("id"), "article 1, paragraph 1, question 1: lacks the field 'id'"),
     (lambda qa, p: p.pop("context"), "article 1, paragraph 1: lacks the field 'context'"),
     (lambda qa, p: qa.update(answers=[]), "question q1: has no answers and is not is_impossible"),
+    (lambda qa, p: qa.update(answers=[], is_impossible=True), "question q1: is unanswerable (is_impossible), which "
+                                                               "SQuAD 1.1 is not; pass --version 2.0"),
 ])
 def test_squad_bad_input_is_one_line_naming_file_and_question(change, message, tmp_path, capsys):
     path = str(tmp_path / "bad.json")
@@ -2722,7 +2733,7 @@ def test_squad_bad_input_is_one_line_naming_file_and_question(change, message, t
         json.dump({"data": [{"paragraphs": [paragraph]}]}, f)
     tiny_checkpoint(str(tmp_path / "ckpt.pt"), ["red fox ran"])
     assert squad.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--train-file", path, "--dev-file", path,
-                       "--out", str(tmp_path / "out")] + SQUAD_TINY) == 2
+                       "--out", str(tmp_path / "out"), "--version", "1.1"] + SQUAD_TINY) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: {message}") and err.count("\n") == 1, err
 
