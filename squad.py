@@ -356,13 +356,14 @@ def prepare(a, cfg: SquadConfig, tok: Tokenizer, ranks) -> tuple:
     articles = read_squad(a.train_file, cfg.version)
     dev = read_squad(a.dev_file, cfg.version) if a.dev_file else articles[-1:]
     train_set = [q for article in articles[:len(articles) - (not a.dev_file)] for q in article]
-    if not train_set:
-        raise DataError(f"{a.train_file}: no training questions (the last of its {len(articles)} articles is dev "
-                        f"unless --dev-file is given)")
+    dev_set = [q for article in dev for q in article]
+    if not train_set or not dev_set:
+        where, what = (a.dev_file or a.train_file, "dev") if train_set else (a.train_file, "training")
+        raise DataError(f"{where}: no {what} questions (without --dev-file the last article of --train-file is dev)")
     n = cfg.max_train_examples
     if n and n < len(train_set):  # the same subset for every run
         train_set = [train_set[i] for i in sorted(np.random.default_rng(0).permutation(len(train_set))[:n])]
-    data = featurize(train_set, tok, cfg), featurize([q for article in dev for q in article], tok, cfg)
+    data = featurize(train_set, tok, cfg), featurize(dev_set, tok, cfg)
     print0(ranks, ", ".join(f"{what}: {len(f.questions)} questions in {len(f.windows)} windows"
                             for what, f in zip(("train", "dev"), data)))
     return data
