@@ -4,10 +4,10 @@ Both papers judge a pre-trained BERT by fine-tuning it on GLUE (Gong et al. 2019
 Table 2; MSLT, section 4.2 and Tables 1-5). This module follows their protocol: BERT's search space
 (batch 32, lr in {5e-5, 4e-5, 3e-5, 2e-5}, 3 epochs, 10 for STS-B and RTE as in MSLT), several seeds per
 setting, the learning rate selected by its mean dev score over seeds, and mean +- 95% confidence interval
-(t-distribution) over seeds as in Gong et al.'s Figure 6. The model is BERT with dropout and one linear
-layer on the pooled [CLS] (cross-entropy, or MSE for STS-B); AdamW, weight decay 0.01 except biases and
-LayerNorms, 10% linear warm-up then linear decay. Test-set predictions of the selected setting are
-written in the GLUE server's submission format.
+(t-distribution) over seeds as in Gong et al.'s Figure 6, beside the median, which MSLT reports (of five
+runs). The model is BERT with dropout and one linear layer on the pooled [CLS] (cross-entropy, or MSE for
+STS-B); AdamW, weight decay 0.01 except biases and LayerNorms, 10% linear warm-up then linear decay.
+Test-set predictions of the selected setting are written in the GLUE server's submission format.
 
     python glue.py --checkpoint runs/x/checkpoint.pt --task RTE --out runs/x/glue
     python glue.py --checkpoint runs/x/checkpoint.pt --task RTE --random-init --out runs/x/glue-random
