@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bert
 from data import DataError, HelpFormatter, Tokenizer, bert_input, truncate_lengths
 from train import (Dist, adamw, all_reduce_mean, autocast, default_dtype, first_line, fmt_time, launch_rank,
-                   locked_folder, param_groups, print0, setup_distributed, unreadable, use_tf32, warmup_then_decay)
+                   locked_folder, param_groups, print0, require_shared, setup_distributed, unreadable, use_tf32,
+                   warmup_then_decay)
 
 DEFAULT_GLUE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "glue")
 
@@ -815,6 +816,8 @@ def table_or_finetune(a, tasks: list, cfg: FinetuneConfig) -> int:
 def finetune_all(a, tasks: list, cfg: FinetuneConfig, outs: list) -> int:
     """Every task of every --checkpoint into its results folder, then the results tables."""
     ranks = setup_distributed(cfg.device)
+    for out in outs:
+        require_shared(ranks, out, "--out")
     for path, out in zip(a.checkpoint, outs):
         backbone = load_backbone(path, a.random_init, a.tokenizer, cfg.max_seq_len)
         print0(ranks, f"{backbone.label}: {bert.describe(backbone.build(0))} -> {out}")
