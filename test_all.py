@@ -22,6 +22,7 @@ import torch
 import bert
 import data
 import glue
+import squad
 import stack
 from bert import IGNORE, Bert, BertConfig
 from data import DataError
@@ -1766,7 +1767,7 @@ def test_pretraining_lr_known_answers():
     assert [train.get_lr(s, cfg, 6) for s in (6, 7)] == pytest.approx([0.25, 0.375])
 
 
-@pytest.mark.parametrize("module", ["data", "train", "glue"])
+@pytest.mark.parametrize("module", ["data", "train", "glue", "squad"])
 def test_help_shows_the_docstring_and_each_default_once(module):
     """--help of each command: the module docstring with its commands, each flag's default once (not twice where
     the help says it), and never an empty one ("(default: )", "(default: None)")."""
@@ -1844,7 +1845,7 @@ def test_ctrl_c_during_glue_says_the_finished_runs_are_kept(tmp_path, monkeypatc
 
     monkeypatch.setattr(glue, "finetune_all", interrupted)
     assert glue.main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path / "glue")]) == 130
-    assert capsys.readouterr().err.startswith("interrupted: each finished (task, lr, seed) run is kept")
+    assert capsys.readouterr().err.startswith("interrupted: each finished (lr, seed) run is kept")
 
 
 def test_sigterm_saves_and_the_run_resumes(tmp_path, run_cache):
@@ -2692,6 +2693,8 @@ def test_glue_average_and_confidence_interval():
     mean, ci = glue.mean_ci([1.0, 2.0, 3.0])  # sd 1, t(2) = 4.303
     assert (mean, ci) == (2.0, pytest.approx(4.303 / math.sqrt(3)))
     assert math.isnan(glue.mean_ci([0.5])[1])
+    # mean 0.4, sd sqrt(0.19), half-width 4.303 sd / sqrt(3) = 1.083; the median beside them, as MSLT reports
+    assert glue.fmt_cell([0.1, 0.9, 0.2]) == "40.0 ± 108.3 (median 20.0)" and glue.fmt_cell([0.5]) == "50.0"
     assert glue.t_quantile_975(11) == pytest.approx(2.201, abs=0.003)
     assert glue.t_quantile_975(30) == pytest.approx(2.042, abs=0.001)
 
@@ -2891,6 +2894,187 @@ def test_submission_strings():
     assert glue.prediction_strings(glue.TASKS["STS-B"], np.array([-0.3, 2.4567, 7.0])) == ["0.000", "2.457", "5.000"]
     assert glue.prediction_strings(glue.TASKS["MNLI"], np.array([2.0, 0.0])) == ["neutral", "contradiction"]
     assert glue.prediction_strings(glue.TASKS["CoLA"], np.array([1.0, 0.0])) == ["1", "0"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# squad.py: official metrics, offsets, windows, the null threshold, files, bad input, resuming
+
+
+def question(qid, answers, context="ctx", text="?"):
+    return squad.Question(qid, text, context, [(a, 0) for a in answers] if isinstance(answers, list) else answers)
+
+
+def test_squad_metrics_on_hand_worked_cases():
+    assert squad.normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert squad.normalize_answer("An apple, a pear and THE theory") == "apple pear and theory"  # "theory" stays
+    # gold [big, red, dog], predicted [red, dog, barked]: 2 shared, P = R = 2/3
+    assert squad.f1_score("the big red dog", "a red dog barked") == pytest.approx(2 / 3)
+    # gold [new, york, new, york], predicted [new, york]: P = 1, R = 1/2, F1 = 2/3 (a repeat counts once per match)
+    assert squad.f1_score("New York, New York", "new york") == pytest.approx(2 / 3)
+    assert (squad.f1_score("", ""), squad.f1_score("the", "x"), squad.f1_score("cat", "dog")) == (1.0, 0.0, 0.0)
+    broncos = question("q", ["Denver Broncos", "the Broncos."])
+    assert squad.scores(broncos, "broncos") == (1.0, 1.0)  # the second gold answer normalizes to "broncos"
+    assert squad.scores(broncos, "Denver") == (0.0, pytest.approx(2 / 3))  # P 1, R 1/2 against the first
+    assert squad.scores(question("q", []), "") == (1.0, 1.0) and squad.scores(question("q", []), "x") == (0.0, 0.0)
+    assert squad.scores(question("q", ["The"]), "") == (1.0, 1.0)  # a gold answer that normalizes to "" is left out
+    qs = [question("a", ["Paris"]), question("b", ["in 1066"]), question("c", [])]
+    # a: EM 1, F1 1; b: "1066" against [in, 1066]: EM 0, F1 2/3; c (no answer) predicted "London": 0, 0
+    assert squad.evaluate(qs, {"a": "paris", "b": "1066", "c": "London"}) == pytest.approx(
+        {"exact": 1 / 3, "f1": (5 / 3) / 3, "HasAns_exact": 1 / 2, "HasAns_f1": (5 / 6), "NoAns_exact": 0.0,
+         "NoAns_f1": 0.0})
+
+
+def test_squad_offsets_survive_lowercasing_and_non_latin_text():
+    """Answers cut by character offsets equal the original text: accents, "İ" (two characters lower-cased), final
+    sigma, CJK and Cyrillic split inside their UTF-8 bytes, runs of whitespace; the tokens of each word cover it."""
+    import re
+    context = "  Café au lait\tin İSTANBUL, ΣΟΦΙΑΣ said:\n naïve résumé! 東京は日本の首都です。Москва — столица."
+    tok = data.Tokenizer.train(["café au lait in istanbul σοφια said naïve résumé 東京 москва столица"] * 3, 300)
+    answers = ["Café", "İSTANBUL", "ΣΟΦΙΑΣ said", "naïve résumé!", "東京は日本", "Москва — столица"]
+    qs = [squad.Question(str(i), "where?", context, [(a, context.index(a))]) for i, a in enumerate(answers)]
+    for t in data.Tokenizer([], lowercase=False), tok:  # cased bytes; lower-cased BPE
+        feats = squad.featurize(qs, t, squad.SquadConfig(max_seq_len=200, device="cpu"))
+        for (number, start, _), label, shift in zip(feats.windows, feats.enc.labels.tolist(), feats.enc.n_first):
+            spans = feats.spans[number]
+            first, last = label[0] - shift + start, label[1] - shift + start
+            assert context[spans[first, 0]:spans[last, 1]] == answers[number]
+    ids, spans = tok.encode(context), feats.spans[0]
+    for word in re.finditer(r"\S+", context):  # the tokens of each word spell its normalized form
+        inside = [i for i, (a, b) in zip(ids, spans) if word.start() <= a and b <= word.end()]
+        assert tok.decode(inside).strip() == tok.normalize(word.group())
+    for i, (a, b) in zip(ids, spans):  # a token's text (but for split characters) is in that of its characters
+        assert tok.decode([i]).strip(" \ufffd") in tok.normalize(context[a:b])
+    prefixed = tok.encode("x " + context)[1:]  # the tokens of " " + the text, as add_prefix_space would give
+    assert tok.decode(prefixed) == " " + tok.normalize(context)
+    assert squad.token_spans(tok, context, prefixed)[[0, -1]].tolist() == [[2, 3], [len(context) - 1, len(context)]]
+
+
+def test_squad_windows_stride_labels_and_max_context():
+    assert squad.window_starts(10, 4, 3) == [0, 3, 6] and squad.window_starts(4, 4, 3) == [0]
+    assert squad.window_starts(10, 4, 9) == [0, 4, 8]  # a stride above the window's room would skip tokens
+    tok = data.Tokenizer([])  # no merges: one token per byte, so "abcdefghij" is 10 tokens
+    q = squad.Question("q", "q", "abcdefghij", [("fg", 5)])
+    cfg = squad.SquadConfig(max_seq_len=8, doc_stride=3, device="cpu")  # [CLS] q [SEP] + 4 context tokens + [SEP]
+    feats = squad.featurize([q], tok, cfg)
+    assert feats.windows == [(0, 0, 4), (0, 3, 4), (0, 6, 4)]
+    assert tok.decode(feats.enc.ids[1]) == "[CLS]q[SEP]defg[SEP]"
+    assert feats.enc.labels.tolist() == [[0, 0], [5, 6], [0, 0]]  # only the middle window holds "fg" whole
+    # Window 1 scores the span "de" 20, but "d" has more context in window 0 (at its end there, at the start of
+    # window 1: a tie, the first wins), so the span is not counted there; "e" (10) and window 0's "d" (2) are.
+    logits = [np.zeros((9, 2), np.float32) for _ in range(3)]
+    logits[0][[0, 6]], logits[1][[0, 3]], logits[2][0] = [[3, 3], [1, 1]], [[1, 1], [10, 0]], [2, 2]
+    logits[1][4, 1] = 10
+    null, found = squad.scored_spans(feats, [0, 1, 2], logits, max_answer_len=30)
+    assert null == (2, 1, 1)  # the least [CLS] start + end over the windows, and its two logits
+    best = squad.best_answers(q, feats.spans[0], found, n_best=2)
+    assert [(b["text"], b["start_logit"] + b["end_logit"]) for b in best] == [("e", 10), ("d", 2)]
+    # SQuAD 1.1: always an answer, no null odds, no NoAns split
+    torch.manual_seed(0)
+    model = squad.SquadModel(bert.Bert(BertConfig(vocab_size=261, max_position=8, n_layer=1, n_head=1, d_model=8,
+                                                  d_ff=8)), tok.pad_id)
+    files, metrics, threshold = squad.predict(model, feats, replace(cfg, version="1.1"))
+    assert files.keys() == {"predictions", "nbest_predictions"} and threshold is None
+    assert files["predictions"]["q"] in "abcdefghij" and files["predictions"]["q"] != ""
+    assert set(metrics) == {"exact", "f1", "HasAns_exact", "HasAns_f1"}
+
+
+def test_squad_null_threshold_maximizes_f1():
+    diffs, answered, blank = np.array([3.0, -1.0, 0.5, 2.0]), np.array([0, 1, 0, 1.0]), np.array([1, 0, 1, 0.0])
+    # answering those with diff <= t: t = -1 gives 1 + 1 + 0 + 1 = 3 of 4; t = 2 gives 1 + 0 + 1 + 1 = 3 too: the lower
+    assert squad.null_threshold(diffs, answered, blank) == -1.0
+    assert squad.null_threshold(np.array([1.0, 1.0]), np.array([1, 0.0]), np.array([0, 1.0])) == 0.0  # all blank
+    assert squad.null_threshold(np.array([0.0, 1.0]), np.array([1, 1.0]), np.zeros(2)) == 1.0  # answer all
+
+
+def squad_file(path, questions_per_context=8, n_contexts=24, seed=0):
+    """A SQuAD 2.0 file whose answer is the word after "key" (one of the first 3 words); a context without "key"
+    has none."""
+    rng = np.random.default_rng(seed)
+    words = "red fox dog cat sun sky bus car cow pig hen owl".split()
+    paragraphs = []
+    for c in range(n_contexts):
+        qas = []
+        for i in range(questions_per_context):
+            text = list(rng.choice(words, size=rng.integers(4, 10)))
+            answer = str(rng.choice(words))
+            if i % 2 == 0:
+                text[int(rng.integers(3)):0] = ["key", answer]
+            context = " ".join(text)
+            qas.append({"id": f"c{c}q{i}", "question": "what follows key?", "context": context,
+                        "is_impossible": i % 2 == 1,
+                        "answers": [{"text": answer, "answer_start": context.index("key ") + 4}] if i % 2 == 0 else []})
+        paragraphs += [{"context": qa.pop("context"), "qas": [qa]} for qa in qas]
+    with open(path, "w") as f:
+        json.dump({"version": "v2.0", "data": [{"title": "t", "paragraphs": paragraphs[:-16]},
+                                               {"title": "d", "paragraphs": paragraphs[-16:]}]}, f)
+    return words
+
+
+SQUAD_TINY = ["--device", "cpu", "--max-seq-len", "32", "--max-query-len", "8", "--doc-stride", "8", "--log-every",
+              "1000"]
+
+
+def test_squad_learns_writes_official_files_and_resumes(tmp_path, capsys, one_thread):
+    path, ckpt, out = str(tmp_path / "squad.json"), str(tmp_path / "ckpt.pt"), str(tmp_path / "out")
+    words = squad_file(path)
+    tiny_checkpoint(ckpt, [" ".join(words + ["key", "what follows key?"])] * 3)
+    args = ["--checkpoint", ckpt, "--train-file", path, "--out", out, "--lrs", "5e-3", "--seeds", "0", "1",
+            "--epochs", "10", "--batch-size", "8"] + SQUAD_TINY
+    assert squad.main(args) == 0
+    runs = glue.load_runs(out)["SQuAD2.0"]
+    # 176 training questions, 16 dev: all blank scores 0.5, 2 x 10 epochs take ~2 s
+    assert len(runs) == 2 and all(r["dev"]["f1"] > 0.75 and r["dev"]["HasAns_f1"] > 0.6 for r in runs), runs
+    with open(os.path.join(out, "predictions.json")) as f:
+        predictions = json.load(f)
+    with open(path) as f:
+        dev = [p["qas"][0] for p in json.load(f)["data"][1]["paragraphs"]]
+    assert list(predictions) == [qa["id"] for qa in dev] and all(isinstance(t, str) for t in predictions.values())
+    right = [predictions[qa["id"]] == (qa["answers"][0]["text"] if qa["answers"] else "") for qa in dev]
+    assert sum(right) >= 12, predictions
+    with open(os.path.join(out, "nbest_predictions.json")) as f:
+        nbest = json.load(f)
+    with open(os.path.join(out, "null_odds.json")) as f:
+        odds = json.load(f)
+    assert nbest.keys() == odds.keys() == predictions.keys()
+    for qid, entries in nbest.items():
+        assert sum(e["probability"] for e in entries) == pytest.approx(1.0) and "" in [e["text"] for e in entries]
+    assert "(median " in open(os.path.join(out, "results.md")).read().splitlines()[2]
+
+    def stamps():
+        return {p: os.path.getmtime(os.path.join(out, "runs", p)) for p in os.listdir(os.path.join(out, "runs"))}
+
+    before = stamps()
+    capsys.readouterr()
+    assert squad.main(args) == 0
+    assert "2 runs already finished" in capsys.readouterr().out and stamps() == before
+    assert squad.main(args + ["--max-answer-len", "5"]) == 2
+    assert "made with other settings (max_answer_len: saved 30, now 5)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda qa, p: qa["answers"][0].update(answer_start=1), "question q1: answer 'fox': its answer_start 1 points "
+                                                            "at 'ed ' (the context has 11 characters)"),
+    (lambda qa, p: qa["answers"][0].update(answer_start=9), "question q1: answer 'fox': its answer_start 9 points at "
+                                                            "'an' (the context has 11 characters)"),
+    (lambda qa, p: qa.pop("question"), "question q1: lacks the field 'question'"),
+    (lambda qa, p: qa.pop("id"), "article 1, paragraph 1, question 1: lacks the field 'id'"),
+    (lambda qa, p: p.pop("context"), "article 1, paragraph 1: lacks the field 'context'"),
+    (lambda qa, p: qa.update(answers=[]), "question q1: has no answers and is not is_impossible"),
+    (lambda qa, p: qa.update(answers=[], is_impossible=True), "question q1: is unanswerable (is_impossible), which "
+                                                               "SQuAD 1.1 is not; pass --version 2.0"),
+])
+def test_squad_bad_input_is_one_line_naming_file_and_question(change, message, tmp_path, capsys):
+    path = str(tmp_path / "bad.json")
+    qa = {"id": "q1", "question": "which animal?", "answers": [{"text": "fox", "answer_start": 4}]}
+    paragraph = {"context": "red fox ran", "qas": [qa]}
+    change(qa, paragraph)
+    with open(path, "w") as f:
+        json.dump({"data": [{"paragraphs": [paragraph]}]}, f)
+    tiny_checkpoint(str(tmp_path / "ckpt.pt"), ["red fox ran"])
+    assert squad.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--train-file", path, "--dev-file", path,
+                       "--out", str(tmp_path / "out"), "--version", "1.1"] + SQUAD_TINY) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: {message}") and err.count("\n") == 1, err
 
 
 # ----------------------------------------------------------------------------------------------------------
