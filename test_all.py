@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 from collections import Counter
 from dataclasses import asdict, replace
@@ -2313,7 +2314,9 @@ def test_node_local_caches_are_built_per_node_and_checked(tmp_path, run_cache, n
     host = socket.gethostname()
     assert results[0][0] != 0 and results[0][1].count(
         f"error: the token cache in --cache-dir {cache} differs between node 0 ({host}) and node 1 ({host})") == 1
-    assert f'File "{os.path.dirname(os.path.abspath(__file__))}' not in results[0][1] + results[1][1]  # no traceback of ours
+    # No traceback through our modules; torchrun's own (ChildFailedError) is always there, maybe from a venv in here.
+    here = re.escape(os.path.dirname(os.path.abspath(__file__)))
+    assert not re.search(rf'File "{here}/\w+\.py"', results[0][1] + results[1][1])
 
 
 def test_out_on_node_local_disks_is_refused_at_start(tmp_path, node_launcher):
@@ -2927,7 +2930,6 @@ def test_squad_metrics_on_hand_worked_cases():
 def test_squad_offsets_survive_lowercasing_and_non_latin_text():
     """Answers cut by character offsets equal the original text: accents, "İ" (two characters lower-cased), final
     sigma, CJK and Cyrillic split inside their UTF-8 bytes, runs of whitespace; the tokens of each word cover it."""
-    import re
     context = "  Café au lait\tin İSTANBUL, ΣΟΦΙΑΣ said:\n naïve résumé! 東京は日本の首都です。Москва — столица."
     tok = data.Tokenizer.train(["café au lait in istanbul σοφια said naïve résumé 東京 москва столица"] * 3, 300)
     answers = ["Café", "İSTANBUL", "ΣΟΦΙΑΣ said", "naïve résumé!", "東京は日本", "Москва — столица"]
