@@ -198,9 +198,9 @@ def branch(a, source: str, name: str, grow: str):
     ckpt["schedule"] = dataclasses.replace(schedule, method=grow, stages=[
         dataclasses.replace(st, grow=grow) if st.grow != "init" else st for st in schedule.stages]).to_dict()
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(a.out, source, "log.jsonl")) as f:  # the resume validates at the switch again
-        kept = [line for line in f if json.loads(line)["step"] < ckpt["step"] or "val_loss" not in line]
-    with open(os.path.join(out, "log.jsonl"), "w") as f:  # and drops the records after it
+    with open(os.path.join(a.out, source, "log.jsonl")) as f:  # the resume validates and grows at the switch
+        kept = [line for line in f if json.loads(line)["step"] < ckpt["step"] or "loss" in json.loads(line)]
+    with open(os.path.join(out, "log.jsonl"), "w") as f:  # again, and drops the records after it
         f.writelines(kept)
     train.save_checkpoint(os.path.join(out, "checkpoint.pt"), ckpt)
     print(f"== {name}: branched from {source} at step {ckpt['step']}, growing by {grow}")
@@ -219,14 +219,18 @@ def ablation_report(a, runs: dict):
     """Validation loss against steps after the switch, one curve per run (switches marked), and per run: the loss
     at the switch and at the end. Beside each stacked run, its identity branch and the gap: identity's final
     loss minus stacking's (positive: stacking ahead)."""
-    F, series, points = ablation_after(a), {}, {}
-    for name, (flags, _) in runs.items():
+    F, series, points, marks = ablation_after(a), {}, {}, {}
+    for name, (flags, source) in runs.items():
         switch = int(flags[flags.index("--steps") + 1]) - F
         points[name] = [p for p in val_points(train.read_log(os.path.join(a.out, name))) if p[0] >= switch]
         series[name] = [(step - switch, loss) for step, _, loss, _ in points[name]]
+        # the switch, from the flags (logs of older runs hold no growth records); at x = 0 a branch's mark
+        # covers its source's, so one label per switch point
+        marks[name] = [(0, points[name][0][2], "" if source else f"{switch} steps")] if switch else []
     path = os.path.join(a.out, "switch_ablation.svg")
     train.svg_plot(series, path, "steps after growing (from scratch: all steps)", "validation loss (MLM + NSP)",
-                   "Switching-time ablation (Gong et al. 2019, Figure 7): stack and identity from one checkpoint")
+                   "Switching-time ablation (Gong et al. 2019, Figure 7): stack and identity from one checkpoint",
+                   marks=marks)
     # at switch: the shallow model's validation just before growing (scratch: its first validation)
     lines = ["| run | loss at switch | final loss | final MLM loss | identity's final loss | gap (identity - stack) |",
              "|---|---|---|---|---|---|"]
@@ -358,10 +362,12 @@ def report(a):
     with open(os.path.join(a.out, "results.json"), "w") as f:
         args = dict(vars(a), corpus=[os.path.relpath(c, ROOT) for c in a.corpus])  # no machine-specific paths
         json.dump({"results": results, "unigram_plateau": plateau, "args": args}, f, indent=2)
-    series = {n: train.val_curve(train.read_log(os.path.join(a.out, n))) for n in results}
-    train.svg_plot(series, os.path.join(a.out, "val_loss.svg"), "training wall time (min, validation excluded)",
-                   "validation loss (MLM + NSP)", f"{a.preset}, {a.steps} steps, batch {a.batch_size} x {a.seq_len}",
-                   hline=(plateau + 0.693, "context-free model: unigram + ln 2"))
+    logs = {n: train.read_log(os.path.join(a.out, n)) for n in results}
+    train.svg_plot({n: train.val_curve(r) for n, r in logs.items()}, os.path.join(a.out, "val_loss.svg"),
+                   "training wall time (min, validation excluded)", "validation loss (MLM + NSP)",
+                   f"{a.preset}, {a.steps} steps, batch {a.batch_size} x {a.seq_len}",
+                   hline=(plateau + 0.693, "context-free model: unigram + ln 2"),
+                   marks={n: train.switch_marks(r) for n, r in logs.items()})
     print(table)
     print(f"wrote {a.out}/results.md, results.json, val_loss.svg")
 
