@@ -229,7 +229,7 @@ def ablation_report(a, runs: dict):
         marks[name] = [(0, points[name][0][2], "" if source else f"{switch} steps")] if switch else []
     path = os.path.join(a.out, "switch_ablation.svg")
     train.svg_plot(series, path, "steps after growing (from scratch: all steps)", "validation loss (MLM + NSP)",
-                   "Switching-time ablation (Gong et al. 2019, Figure 7): stack and identity from one checkpoint",
+                   "Switching time (Figure 7): stack and identity from one checkpoint",
                    marks=marks)
     # at switch: the shallow model's validation just before growing (scratch: its first validation)
     lines = ["| run | loss at switch | final loss | final MLM loss | identity's final loss | gap (identity - stack) |",
