@@ -3171,8 +3171,11 @@ def test_gpu_window_plans_its_steps_and_its_cpu_dry_run_trains_them(compare, tmp
         assert cmd[:2] == [sys.executable, os.path.join(compare.ROOT, "train.py")] and check
         assert train.main(cmd[2:]) == 0
 
+    out.mkdir()
+    compare.report(a)  # as after a command cut short before any validation: the tables without a measurement, no plot
+    assert "| baseline | - | 0.07 | - |" in (out / "results.md").read_text() and not (out / "val_loss.svg").exists()
     monkeypatch.setattr(compare, "subprocess", SimpleNamespace(run=train_in_process))
-    assert compare.run_window(a) == 0
+    assert compare.run_window(a) == 0 and (out / "val_loss.svg").exists()
     for name in a.runs:
         assert train.load_checkpoint(str(out / name / "checkpoint.pt"))["step"] == a.steps
     saved = json.loads((out / "results.json").read_text())

@@ -322,9 +322,10 @@ def report(a):
         args = dict(vars(a), corpus=[os.path.relpath(c, ROOT) for c in a.corpus])  # no machine-specific paths
         json.dump({"results": results, "unigram_plateau": plateau, "args": args, "window": window}, f, indent=2)
     series = {n: train.val_curve(train.read_log(os.path.join(a.out, n))) for n in results}
-    train.svg_plot(series, os.path.join(a.out, "val_loss.svg"), "training wall time (min, validation excluded)",
-                   "validation loss (MLM + NSP)", f"{a.preset}, {a.steps} steps, batch {a.batch_size} x {a.seq_len}",
-                   hline=(plateau + 0.693, "context-free model: unigram + ln 2"))
+    if any(series.values()):  # a comparison cut short before its first validation has nothing to plot
+        train.svg_plot(series, os.path.join(a.out, "val_loss.svg"), "training wall time (min, validation excluded)",
+                       "validation loss (MLM + NSP)", f"{a.preset}, {a.steps} steps, batch {a.batch_size} x {a.seq_len}",
+                       hline=(plateau + 0.693, "context-free model: unigram + ln 2"))
     print(table)
     print(f"wrote {a.out}/results.md, results.json, val_loss.svg")
 
@@ -381,10 +382,10 @@ class Window:
 WINDOW_RUNS = ["baseline", "stack", "identity", "baseline-lamb", "mslt"]  # each paper's methods and baseline
 # BERT-Base (vocabulary 8192, the CPU comparison's), 128 x 128, bf16, eager (compiling costs ~43 s per model, and
 # these runs build 11), on one H100 or H200. Planned on the H200's stage costs for 7.5 of the 9 minutes the command
-# may take: the rest is for an H100 (the same bf16 peak, 70% of the memory bandwidth) and for the constants, which
-# come from whole runs (results/gpu_check_h200.md): a BERT-Base train.py process took ~18 s beyond its training
-# (section 10); the eager loop took 32 ms a step where the step alone takes 22 ms (batch 64, bench_prefetch.py);
-# the shared corpus's token cache took 17 s on 2 cores. Adam at 3x BERT's 1e-4 and LAMB at ~3x MSLT's 8.8e-4
+# may take: the rest is for an H100 (the same bf16 peak, 70% of the memory bandwidth) and for the constants. A
+# BERT-Base train.py process took ~18 s beyond its training (results/gpu_check_h200.md, section 10); the eager loop
+# 32 ms a step at batch 64 where the step alone took about 22 ms (bench_prefetch.py, the same card); the shared
+# corpus's token cache 17 s on 2 cores (experiments/README.md). Adam at 3x BERT's 1e-4 and LAMB at ~3x MSLT's 8.8e-4
 # scaled to batch 128 by sqrt(128 / 1024), as so few steps need a higher rate; pre-LN trains stably there without
 # a long warm-up (Xiong et al. 2020). Neither rate was tuned at this size. Checkpoints only at growths and at the
 # end: one with Adam's moments is 1.3 GB.
@@ -395,7 +396,7 @@ WINDOWS = {
     "gpu": Window(os.path.join(HERE, "results", "cost_cuda_h200.json"), minutes=7.5, data_s=30, start_s=20,
                   loop_s=0.010, save_s=2, report_s=15, defaults=GPU_WINDOW),
     # The same command on a CPU at the tiny size, on the synthetic corpus (a test runs it), planned from the tiny
-    # model's stage costs on that CPU (--window-costs; DRY_RUN_COSTS times them) for a budget of a few dozen steps.
+    # model's stage costs on that CPU (--window-costs; DRY_RUN_COSTS times them), for a budget of tens of steps.
     "cpu-dry-run": Window("", minutes=0.5, data_s=5, start_s=2, loop_s=0.0, save_s=0.1, report_s=2,
                           defaults=dict(GPU_WINDOW, preset="tiny", corpus=[], vocab_size=1024, seq_len=32, batch_size=8,
                                         eval_every=4, eval_batches=2, out="runs/gpu-window-dry-run",

@@ -7,6 +7,7 @@
 #                                                             # git-ignored), as ../shared does not reach the GPU
 #   OUT=/path bash experiments/gpu_window.sh                  # on the GPU machine (the device tool sets OUT)
 #   OUT=$(mktemp -d) WINDOW=cpu-dry-run bash experiments/gpu_window.sh   # the same steps on a CPU, tiny model
+#                                                             # (COSTS=FILE: plan from these stage costs, not timed here)
 #
 # $OUT receives results.md, results.json, val_loss.svg, console.log and logs.tar.gz (each run's log.jsonl and
 # window_times.json); the runs and their checkpoints (1.3 GB each) stay in $RUNS. Run again on the same machine,
@@ -31,7 +32,9 @@ fi
 mkdir -p "$RUNS"
 if [ "$WINDOW" = gpu ]; then
     flags=(--corpus .corpus/gutenberg .corpus/brown/brown.txt .corpus/wikitext-2-raw)
-else  # the dry run plans from the tiny model's stage costs on this machine
+elif [ -n "${COSTS:-}" ]; then  # the dry run, planned from given stage costs of the tiny model
+    flags=(--window-costs "$COSTS")
+else  # the dry run, planned from the tiny model's stage costs timed here first (seconds on an idle CPU)
     python experiments/cost_model.py --preset tiny --vocab-size 1024 --batch 8 --seq 32 --repeats 3 \
         --measure "$RUNS/stage_costs.json" --out "$RUNS/cost_model" > "$RUNS/cost_model.log" || exit 1
     flags=(--window-costs "$RUNS/stage_costs.json")
@@ -42,5 +45,5 @@ start=$SECONDS
 timeout --kill-after 30 "$DEADLINE_S" "${compare[@]}" 2>&1 | tee "$OUT/console.log" ||
     "${compare[@]}" --report-only 2>&1 | tee -a "$OUT/console.log"  # cut short or failed: report what finished
 echo "whole command: $((SECONDS - start)) s ($WINDOW window, deadline $DEADLINE_S s for training)" | tee -a "$OUT/console.log"
-cp "$RUNS/results.md" "$RUNS/results.json" "$RUNS/val_loss.svg" "$OUT/"
-(cd "$RUNS" && tar czf "$OUT/logs.tar.gz" window_times.json */log.jsonl)
+for f in results.md results.json val_loss.svg; do [ -f "$RUNS/$f" ] && cp "$RUNS/$f" "$OUT/"; done
+(cd "$RUNS" && tar czf "$OUT/logs.tar.gz" --ignore-failed-read window_times.json */log.jsonl)
