@@ -1641,6 +1641,33 @@ def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, run_cache):
     assert (plots / "val_loss.svg").read_text().count("<polyline") == 2
 
 
+def svg_marks(path) -> tuple:
+    """(polyline vertices of each curve, (cx, cy, label) of each circle) of an SVG that svg_plot wrote."""
+    import re
+    text = path.read_text()
+    curves = [[tuple(map(float, p.split(","))) for p in pts.split()] for pts in re.findall(r'<polyline points="([^"]*)"', text)]
+    circles = re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"[^>]*/>\n<text [^>]*>([^<]*)</text>', text)
+    return curves, [(float(x), float(y), label) for x, y, label in circles]
+
+
+def test_plots_mark_each_switch_on_its_run_curve(tmp_path, run_cache):
+    """A run that grows twice: its val_loss.svg holds two marks, each on the curve's point of the validation
+    just before that growth (3->6 at step 2, 6->12 at step 4), labelled with the growth; --plot marks each run."""
+    import train
+    args = TINY_RUN + ["--schedule", "3:2,6:2:identity,12:2:stack", "--steps", "6", "--cache-dir", run_cache]
+    assert train.main(args + ["--out", str(tmp_path / "two")]) == 0
+    [vals] = [[r["step"] for r in train.read_log(str(tmp_path / "two")) if "val_loss" in r]]
+    assert vals == [2, 4, 6]  # validations at each switch and at the end only (--eval-every 1000)
+    [curve], marks = svg_marks(tmp_path / "two" / "val_loss.svg")
+    assert marks == [(*curve[0], "3\u21926 identity"), (*curve[1], "6\u219212 stack")]
+    assert train.main(args + ["--method", "baseline", "--schedule", "", "--out", str(tmp_path / "flat")]) == 0
+    assert train.main(["--plot", str(tmp_path / "two"), str(tmp_path / "flat"), "--out", str(tmp_path)]) == 0
+    curves, marks = svg_marks(tmp_path / "val_loss.svg")
+    assert len(curves) == 2 and [m[:2] for m in marks] == curves[0][:2]  # the baseline never grew: no mark
+    assert [train.growth_label(*g) for g in [("mslt", 3, 6), ("retrain", 12, 12), ("stack", 6, 12)]] == \
+        ["+3 mslt", "retrain", "6\u219212 stack"]
+
+
 def test_a_long_sequence_phase_keeps_model_and_optimizer_and_resumes_exactly(tmp_path, run_cache, one_thread):
     """--long-seq-len: the last --long-fraction of the steps take longer examples from the same token cache, with
     the same model and optimizer (no moment reset) and the learning rate on its one schedule. The switch is

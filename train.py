@@ -208,7 +208,6 @@ class Trainer:
                 if self.last_val_step != self.step:
                     self.log(self.validate())
                 self.grow(stage)
-                self.save()
                 window = (self.wall, 0)  # the next line's speed (and ETA) from this stage's steps alone
             if self.step == self.long_start:  # not a growth: the same model, optimizer and learning-rate schedule
                 self.print(f"step {self.step}: sequences of {cfg.long_seq_len} tokens from here on, not {cfg.seq_len}")
@@ -283,7 +282,9 @@ class Trainer:
         return out, torch.stack([*losses, mlm_acc, nsp_acc]).float()
 
     def grow(self, stage: int):
-        """The switch: save the trained shallow model, grow it, reset the optimizer."""
+        """The switch: save the trained shallow model, grow it, reset the optimizer, save; then a log record
+        of the growth, which the plots mark (switch_marks). Logged after the save, so that a resume never
+        logs one growth twice."""
         old = self.model
         self.save(os.path.join(self.out, f"stage{self.stage}_end.pt"))
         torch.manual_seed(self.cfg.seed * 1000 + stage)  # fresh layers (identity) depend on (seed, stage) only,
@@ -293,6 +294,8 @@ class Trainer:
         self.set_model(new, stage, self.step, old_model=old, sources=sources)
         self.print(f"step {self.step}: grew to {new.config.n_layer} layers by {self.schedule.stages[stage].grow}; "
                    f"{bert.describe(new)}")
+        self.save()
+        self.log({"grew": growth_label(self.schedule.stages[stage].grow, old.config.n_layer, new.config.n_layer)})
 
     def set_model(self, model: bert.Bert, stage: int, step: int, old_model=None, sources=None):
         """Install a model for `stage`: move it to the device, build the fresh optimizer, wrap it in DDP
@@ -1156,9 +1159,11 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list:
     return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def svg_plot(series: dict, path: str, xlabel: str, ylabel: str, title: str, hline: Optional[tuple] = None):
+def svg_plot(series: dict, path: str, xlabel: str, ylabel: str, title: str, hline: Optional[tuple] = None,
+             marks: Optional[dict] = None):
     """Write a line plot as SVG with no plotting library. series: {label: [(x, y), ...]};
-    hline: optional (y, label) reference line, e.g. the corpus's unigram entropy."""
+    hline: optional (y, label) reference line, e.g. the corpus's unigram entropy; marks: {label: [(x, y, text),
+    ...]}, points marked on a series' curve in its colour, e.g. where the run grew (switch_marks)."""
     W, H, L, R, T, B = 720, 440, 70, 190, 40, 55  # canvas and margins
     pts = [p for s in series.values() for p in s]
     ys = [y for _, y in pts] + ([hline[0]] if hline else [])
@@ -1186,6 +1191,9 @@ def svg_plot(series: dict, path: str, xlabel: str, ylabel: str, title: str, hlin
         color = COLORS[i % len(COLORS)]
         poly = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
         out.append(f'<polyline points="{poly}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for x, y, text in (marks or {}).get(label, []):
+            out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="white" stroke="{color}" stroke-width="2"/>')
+            out.append(f'<text x="{sx(x) + 4:.1f}" y="{sy(y) - 8:.1f}" fill="{color}" font-size="10">{text}</text>')
         out.append(line(W - R + 12, W - R + 36, T + 10 + 18 * i, T + 10 + 18 * i, f'stroke="{color}" stroke-width="3"'))
         out.append(f'<text x="{W - R + 42}" y="{T + 14 + 18 * i}">{label}</text>')
     out.append("</svg>")
@@ -1197,12 +1205,30 @@ def val_curve(records: list) -> list:
     return [(r["wall"] / 60, r["val_loss"]) for r in records if "val_loss" in r]
 
 
+def growth_label(grow: str, old: int, new: int) -> str:
+    """How a switch reads on a plot: '3->6 stack', '+3 mslt' (new layers on top of frozen ones), 'retrain'."""
+    return f"+{new - old} {grow}" if grow == "mslt" else f"{old}\u2192{new} {grow}" if new != old else grow
+
+
+def switch_marks(records: list, x=lambda r: r["wall"] / 60) -> list:
+    """(x, validation loss, label) of each growth in a run's log: the run validates just before it grows,
+    so the mark sits on its validation curve at the switch. x: a record's x (default: wall minutes)."""
+    marks, loss = [], None
+    for r in records:
+        loss = r.get("val_loss", loss)
+        if "grew" in r and loss is not None:
+            marks.append((x(r), loss, r["grew"]))
+    return marks
+
+
 def plot_runs(run_dirs: list, path: str):
-    """Validation loss against training wall time (validation excluded) for one or several runs."""
-    series = {os.path.basename(os.path.normpath(d)): val_curve(read_log(d)) for d in run_dirs}
+    """Validation loss against training wall time (validation excluded) for one or several runs, each
+    growth marked on its run's curve."""
+    logs = {os.path.basename(os.path.normpath(d)): read_log(d) for d in run_dirs}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # --plot ... --out may name a new folder
-    svg_plot(series, path, "training wall time (min, validation excluded)", "validation loss (MLM + NSP)",
-             "Validation loss against wall time")
+    svg_plot({n: val_curve(r) for n, r in logs.items()}, path, "training wall time (min, validation excluded)",
+             "validation loss (MLM + NSP)", "Validation loss against wall time",
+             marks={n: switch_marks(r) for n, r in logs.items()})
     print(f"wrote {path}")
 
 
