@@ -35,11 +35,11 @@ if [ "$WINDOW" = gpu ]; then
 elif [ -n "${COSTS:-}" ]; then  # the dry run, planned from given stage costs of the tiny model
     flags=(--window-costs "$COSTS")
 else  # the dry run, planned from the tiny model's stage costs timed here first (seconds on an idle CPU)
-    python experiments/cost_model.py --preset tiny --vocab-size 1024 --batch 8 --seq 32 --repeats 3 \
+    python3 experiments/cost_model.py --preset tiny --vocab-size 1024 --batch 8 --seq 32 --repeats 3 \
         --measure "$RUNS/stage_costs.json" --out "$RUNS/cost_model" > "$RUNS/cost_model.log" || exit 1
     flags=(--window-costs "$RUNS/stage_costs.json")
 fi
-compare=(python experiments/compare.py --window "$WINDOW" --out "$RUNS" "${flags[@]}")
+compare=(python3 experiments/compare.py --window "$WINDOW" --out "$RUNS" "${flags[@]}")
 export PYTHONUNBUFFERED=1
 start=$SECONDS
 timeout --kill-after 30 "$DEADLINE_S" "${compare[@]}" 2>&1 | tee "$OUT/console.log" ||
