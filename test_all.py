@@ -3161,6 +3161,62 @@ def test_finished_run_at_another_lr_is_not_reused(compare, tmp_path):
         compare.check_same_lr(str(tmp_path), saved, ["--method", "mslt", "--optimizer", "lamb", "--lr", "0.001"])
 
 
+def test_gpu_window_plans_its_steps_and_its_cpu_dry_run_trains_them(compare, tmp_path, monkeypatch, one_thread):
+    """`compare.py --window`: the GPU window's steps are the most whose plan, from the committed H200 stage
+    costs, fits its 7.5 minutes (the number in experiments/README.md). Its dry run (the tiny model on the CPU,
+    stage costs made from known unit costs) trains the five runs to the step its plan gives, and results.md
+    holds each run twice: in the comparison's table and in the plan's."""
+    import cost_model
+    import train
+    gpu = compare.parse_args(["--window", "gpu"])
+    assert gpu.steps == 1152 and gpu.runs == ["baseline", "stack", "identity", "baseline-lamb", "mslt"]
+    units = compare.window_units(gpu)
+    assert compare.window_seconds(gpu, 1152, units) <= 7.5 * 60 < compare.window_seconds(gpu, 1160, units)
+    with pytest.raises(SystemExit, match="at 128 x 128, --window gpu trains bert-base at 64 x 128"):
+        compare.parse_args(["--window", "gpu", "--batch-size", "64"])
+    with pytest.raises(SystemExit, match="not even 8 steps a run fit its 7.5 minutes"):
+        compare.parse_args(["--window", "gpu", "--eval-batches", "100000"])
+    with pytest.raises(SystemExit, match="give --window-costs FILE"):
+        compare.parse_args(["--window", "cpu-dry-run"])
+
+    c = bert.preset("tiny", vocab_size=1024, pre_norm=True)
+    u = cost_model.UnitCosts(fwd_layer=0.003, fwd_rest=0.005, bwd_layer=0.004, bwd_head=0.005, bwd_emb=0.003, opt_param=1e-8)
+    records = []
+    for n, top in cost_model.parse_configs(cost_model.CALIBRATION):
+        t = cost_model.step_time(cost_model.stage_shape(c, n, top), u)
+        records.append({"n_layer": n, "trainable_top": top, "forward_s": t.forward, "backward_s": t.backward,
+                        "optimizer_s": {"adam": t.optimizer, "lamb": t.optimizer}})
+    costs, out = tmp_path / "stage_costs.json", tmp_path / "runs"
+    costs.write_text(json.dumps({"device": "known unit costs", "preset": "tiny", "vocab_size": 1024, "pre_norm": True,
+                                 "batch": 8, "seq": 32, "records": records}))
+    a = compare.parse_args(["--window", "cpu-dry-run", "--window-costs", str(costs), "--out", str(out)])
+    units = compare.window_units(a)
+    assert asdict(units["adam"]) == pytest.approx(asdict(u))
+    assert compare.window_seconds(a, a.steps, units) <= 30 < compare.window_seconds(a, a.steps + 8, units) and a.steps >= 16
+
+    def train_in_process(cmd, check):  # the command compare.py runs, in this process: no interpreter start per run
+        assert cmd[:2] == [sys.executable, os.path.join(compare.ROOT, "train.py")] and check
+        assert train.main(cmd[2:]) == 0
+
+    out.mkdir()
+    compare.report(a)  # as after a command cut short before any validation: the tables without a measurement, no plot
+    assert "| baseline | - | 0.07 | - |" in (out / "results.md").read_text() and not (out / "val_loss.svg").exists()
+    monkeypatch.setattr(compare, "subprocess", SimpleNamespace(run=train_in_process))
+    assert compare.run_window(a) == 0 and (out / "val_loss.svg").exists()
+    for name in a.runs:
+        assert train.load_checkpoint(str(out / name / "checkpoint.pt"))["step"] == a.steps
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["results"]) == a.runs and {r["steps"] for r in saved["results"].values()} == {a.steps}
+    assert set(json.loads((out / "window_times.json").read_text())) == {"device", "data", *a.runs}
+    window = saved["window"]["runs"]
+    assert all(window[n]["measured_s"] > 0 and window[n]["measured_ratio"] > 0 for n in a.runs)
+    assert window["mslt"]["cost_model_ratio"] < window["stack"]["cost_model_ratio"] < window["baseline"]["cost_model_ratio"] == 1
+    table = (out / "results.md").read_text()
+    assert f"Window `cpu-dry-run`: {a.steps} steps a run" in table and "ran on cpu, torch" in table
+    assert [line.split(" |")[0] for line in table.splitlines() if line.startswith("| ") and " | " in line][1:] == \
+        ["| " + n for n in a.runs] + ["| run"] + ["| " + n for n in a.runs] + ["| token cache", "| token cache and runs"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # experiments/cost_model.py: wall time from unit costs, and calibration
 

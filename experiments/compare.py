@@ -19,6 +19,8 @@ continued by running the same command again.
     python experiments/compare.py --report-only           # only redo tables and plot from existing logs
     python experiments/compare.py --seed 1 --out runs/compare-seed1   # a replicate, then side by side:
     python experiments/compare.py --replicates runs/compare runs/compare-seed1 --out runs/compare
+    python experiments/compare.py --window gpu --plan     # BERT-Base on one GPU in 9 minutes: the planned steps
+    bash experiments/gpu_window.sh                        # ... and the run (experiments/README.md, "one GPU window")
 """
 
 import argparse
@@ -27,14 +29,19 @@ import json
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+import bert  # noqa: E402
+import cost_model  # noqa: E402
 import data  # noqa: E402
 import stack  # noqa: E402
+import torch  # noqa: E402
 import train  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -70,6 +77,9 @@ def parse_args(argv=None):
                    help="which runs, in order (none: only the ablation)")
     p.add_argument("--out", default="runs/compare", help="directory of the runs and the results")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, synthetic corpus, a few minutes")
+    p.add_argument("--window", choices=list(WINDOWS), help="one device window: its runs and sizes, --steps from its plan (WINDOWS)")
+    p.add_argument("--plan", action="store_true", help="with --window: print the plan (predicted minutes of each run) and stop")
+    p.add_argument("--window-costs", default="", metavar="FILE", help="stage costs (cost_model.py --measure) to plan --window from, instead of its own")
     p.add_argument("--report-only", action="store_true", help="do not train; rebuild results from the logs")
     p.add_argument("--replicates", nargs="+", metavar="DIR", default=[],
                    help="do not train; print finished comparisons (e.g. --seed 0 and 1) side by side into <out>/replicates.md")
@@ -102,7 +112,14 @@ def parse_args(argv=None):
     p.add_argument("--extra", default="", help="further train.py flags for every run, e.g. '--dtype bf16 --compile'")
     if p.parse_args(argv).quick:  # quick changes the defaults; flags given explicitly still win
         p.set_defaults(**QUICK)
+    window = p.parse_args(argv).window
+    if window:  # so does a window; its defaults leave --steps (0) to its plan
+        p.set_defaults(**WINDOWS[window].defaults)
     a = p.parse_args(argv)
+    if a.plan and not a.window:
+        p.error("--plan: give the --window to plan, e.g. --window gpu")
+    if a.window and not a.steps:
+        a.steps = window_steps(a)
     a.warmup = a.warmup or max(1, a.steps * 3 // 100)
     a.eval_every = a.eval_every or max(1, a.steps // 40)
     return a
@@ -356,18 +373,20 @@ def results_table(results: dict, plateau: float) -> str:
 def report(a):
     results = analyse(a)
     plateau = unigram_plateau(a)
-    table = results_table(results, plateau)
+    window = window_numbers(a, results, read_times(a)) if a.window else None
+    table = results_table(results, plateau) + ("\n\n" + window_table(a, window) if window else "")
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(a.out, "results.json"), "w") as f:
         args = dict(vars(a), corpus=[os.path.relpath(c, ROOT) for c in a.corpus])  # no machine-specific paths
-        json.dump({"results": results, "unigram_plateau": plateau, "args": args}, f, indent=2)
+        json.dump({"results": results, "unigram_plateau": plateau, "args": args, "window": window}, f, indent=2)
     logs = {n: train.read_log(os.path.join(a.out, n)) for n in results}
-    train.svg_plot({n: train.val_curve(r) for n, r in logs.items()}, os.path.join(a.out, "val_loss.svg"),
-                   "training wall time (min, validation excluded)", "validation loss (MLM + NSP)",
-                   f"{a.preset}, {a.steps} steps, batch {a.batch_size} x {a.seq_len}",
-                   hline=(plateau + 0.693, "context-free model: unigram + ln 2"),
-                   marks={n: train.switch_marks(r) for n, r in logs.items()})
+    if any(train.val_curve(r) for r in logs.values()):  # a comparison cut before its first validation: no plot
+        train.svg_plot({n: train.val_curve(r) for n, r in logs.items()}, os.path.join(a.out, "val_loss.svg"),
+                       "training wall time (min, validation excluded)", "validation loss (MLM + NSP)",
+                       f"{a.preset}, {a.steps} steps, batch {a.batch_size} x {a.seq_len}",
+                       hline=(plateau + 0.693, "context-free model: unigram + ln 2"),
+                       marks={n: train.switch_marks(r) for n, r in logs.items()})
     print(table)
     print(f"wrote {a.out}/results.md, results.json, val_loss.svg")
 
@@ -401,9 +420,198 @@ def glue_compare(a):
     print(table)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# One device window: the comparison sized beforehand so that the whole command fits a wall-clock budget.
+
+
+@dataclass(frozen=True)
+class Window:
+    """A comparison that must fit `minutes` of wall time on one device, data preparation included. Every run
+    gets the same --steps: the most whose plan fits. A run's plan is its schedule's time from cost_model.py's
+    unit costs fitted to `costs` (forward, backward and optimizer step, timed on the device at the window's
+    model, batch and sequence length), plus what such timings leave out, taken from whole runs."""
+    costs: str  # stage-cost JSON in cost_model.py's format, timed on the device ("": --window-costs must give one)
+    minutes: float  # the whole command's planned wall time, data preparation and report included
+    data_s: float  # building the token cache, once, before the first run
+    start_s: float  # per run: interpreter, device, model, prefetch worker, first steps, final checkpoint
+    loop_s: float  # per step: the training loop's time beyond the timed forward, backward and optimizer step
+    save_s: float  # per growth: the stage-end checkpoint
+    report_s: float  # results.md, results.json and val_loss.svg after the runs
+    defaults: dict  # compare.py flags of the window (a flag given explicitly still wins)
+
+
+WINDOW_RUNS = ["baseline", "stack", "identity", "baseline-lamb", "mslt"]  # each paper's methods and baseline
+# BERT-Base (vocabulary 8192, the CPU comparison's), 128 x 128, bf16, eager (compiling costs ~43 s per model, and
+# these runs build 11), on one H100 or H200. Planned on the H200's stage costs for 7.5 of the 9 minutes the command
+# may take: the rest is for an H100 (the same bf16 peak, 70% of the memory bandwidth) and for the constants. A
+# BERT-Base train.py process took ~18 s beyond its training (results/gpu_check_h200.md, section 10); the eager loop
+# 32 ms a step at batch 64 where the step alone took about 22 ms (bench_prefetch.py, the same card); the shared
+# corpus's token cache 17 s on 2 cores (experiments/README.md). Adam at 3x BERT's 1e-4 and LAMB at ~3x MSLT's 8.8e-4
+# scaled to batch 128 by sqrt(128 / 1024), as so few steps need a higher rate; pre-LN trains stably there without
+# a long warm-up (Xiong et al. 2020). Neither rate was tuned at this size. Checkpoints only at growths and at the
+# end: one with Adam's moments is 1.3 GB.
+GPU_WINDOW = dict(runs=WINDOW_RUNS, preset="bert-base", vocab_size=8192, seq_len=128, batch_size=128, steps=0,
+                  lr=3e-4, lamb_lr=1e-3, eval_batches=4, out="runs/gpu-window",
+                  extra="--device cuda --dtype bf16 --save-every 1000000")
+WINDOWS = {
+    "gpu": Window(os.path.join(HERE, "results", "cost_cuda_h200.json"), minutes=7.5, data_s=30, start_s=20,
+                  loop_s=0.010, save_s=2, report_s=15, defaults=GPU_WINDOW),
+    # The same command on a CPU at the tiny size, on the synthetic corpus (a test runs it), planned from the tiny
+    # model's stage costs on that CPU (--window-costs; DRY_RUN_COSTS times them), for a budget of tens of steps.
+    "cpu-dry-run": Window("", minutes=0.5, data_s=5, start_s=2, loop_s=0.0, save_s=0.1, report_s=2,
+                          defaults=dict(GPU_WINDOW, preset="tiny", corpus=[], vocab_size=1024, seq_len=32, batch_size=8,
+                                        eval_every=4, eval_batches=2, out="runs/gpu-window-dry-run",
+                                        extra="--device cpu --dtype bf16 --save-every 1000000")),
+}
+DRY_RUN_COSTS = "python experiments/cost_model.py --preset tiny --vocab-size 1024 --batch 8 --seq 32 --measure FILE"
+STEP_UNIT = 8  # a window's --steps is a multiple of this
+
+
+def costs_path(a) -> str:
+    """The stage costs that plan the window: --window-costs, else the window's own."""
+    path = a.window_costs or WINDOWS[a.window].costs
+    if not path:
+        raise SystemExit(f"error: --window {a.window} has no stage costs of its own: time them on this machine "
+                         f"({DRY_RUN_COSTS}, seconds) and give --window-costs FILE")
+    return path
+
+
+def window_units(a) -> dict:
+    """Unit costs of each optimizer, fitted to the window's stage costs. Those must have been timed on the
+    model, batch and sequence length that the window trains; the vocabulary may differ, as it changes only the
+    embeddings and the MLM decoder, whose parameters the plan counts from the window's own model."""
+    path = costs_path(a)
+    costs = cost_model.load_costs(path)
+    timed, trained = (costs["preset"], costs["batch"], costs["seq"]), (a.preset, a.batch_size, a.seq_len)
+    if timed != trained:
+        raise SystemExit(f"error: {path} was timed on {timed[0]} at {timed[1]} x {timed[2]}, --window {a.window} trains "
+                         f"{trained[0]} at {trained[1]} x {trained[2]}: keep the window's --preset, --batch-size and "
+                         "--seq-len, or time these with experiments/cost_model.py --measure")
+    c = cost_model.costs_config(costs)
+    return {o: cost_model.fit_units(costs["records"], c, o) for o in cost_model.OPTIMIZERS}
+
+
+def run_seconds(a, name: str, steps: int, units: dict) -> dict:
+    """Planned seconds of one run at `steps` steps: `train`, its schedule's forward, backward and optimizer
+    steps (cost_model.schedule_time); `loop`, the loop's time beyond them; `other`, the process's start,
+    validations (full-depth forwards) and stage-end checkpoints."""
+    w, (method, optimizer) = WINDOWS[a.window], RUNS[name]
+    c = bert.preset(a.preset, vocab_size=a.vocab_size, pre_norm=True)
+    schedule = stack.make_schedule(method, steps, c.n_layer)
+    growths = len(schedule.stages) - 1
+    validations = steps // (a.eval_every or max(1, steps // 40)) + growths  # parse_args's default; one at each switch
+    forward = cost_model.step_time(cost_model.stage_shape(c, c.n_layer, None), units[optimizer]).forward
+    return {"train": cost_model.schedule_time(schedule, c, units[optimizer]), "loop": steps * w.loop_s,
+            "other": w.start_s + growths * w.save_s + validations * a.eval_batches * forward}
+
+
+def window_seconds(a, steps: int, units: dict) -> float:
+    """Planned seconds of the whole command: the token cache, every run, the report."""
+    w = WINDOWS[a.window]
+    return w.data_s + sum(sum(run_seconds(a, n, steps, units).values()) for n in a.runs) + w.report_s
+
+
+def window_steps(a) -> int:
+    """The most steps, a multiple of STEP_UNIT, whose planned whole command fits the window's minutes."""
+    units, budget = window_units(a), 60 * WINDOWS[a.window].minutes
+    if window_seconds(a, STEP_UNIT, units) > budget:
+        raise SystemExit(f"error: --window {a.window}: not even {STEP_UNIT} steps a run fit its {budget / 60:g} minutes "
+                         "with these flags; give fewer --runs or --eval-batches")
+    steps = STEP_UNIT
+    while window_seconds(a, steps + STEP_UNIT, units) <= budget:
+        steps += STEP_UNIT
+    return steps
+
+
+def window_numbers(a, results: dict, times: dict) -> dict:
+    """The plan beside what ran. Per run: minutes of the whole process and of training alone (the log's wall),
+    and its wall over its baseline's as the cost model predicts it (the schedules' steps alone) and as the logs
+    measure it. Then the token cache, and the cache and runs together. None where nothing ran yet."""
+    units, w, path = window_units(a), WINDOWS[a.window], costs_path(a)
+    runs = {}
+    for name in a.runs:
+        plan, base, r = run_seconds(a, name, a.steps, units), BASELINE_OF[RUNS[name][1]], results.get(name)
+        runs[name] = {"planned_s": sum(plan.values()), "measured_s": times.get(name),
+                      "planned_train_s": plan["train"] + plan["loop"], "measured_train_s": r["wall"] if r else None,
+                      "steps": r["steps"] if r else None,
+                      "cost_model_ratio": plan["train"] / run_seconds(a, base, a.steps, units)["train"],
+                      "measured_ratio": r["wall"] / results[base]["wall"] if r and base in results else None}
+    measured = [times.get(k) for k in ["data", *a.runs]]
+    inside = not os.path.relpath(path, ROOT).startswith("..")  # named from the repository, else as given
+    return {"costs": os.path.relpath(path, ROOT) if inside else path, "timed_on": cost_model.load_costs(path)["device"],
+            "minutes": w.minutes, "ran_on": times.get("device"), "steps": a.steps, "runs": runs,
+            "data": {"planned_s": w.data_s, "measured_s": times.get("data")},
+            "data_and_runs": {"planned_s": window_seconds(a, a.steps, units) - w.report_s,
+                              "measured_s": None if None in measured else sum(measured)}}
+
+
+def window_table(a, n: dict) -> str:
+    """Markdown of window_numbers."""
+    def minutes(s):
+        return "-" if s is None else f"{s / 60:.2f}"
+
+    def ratio(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    lines = [f"Window `{a.window}`: {n['steps']} steps a run, planned for {n['minutes']:g} minutes (the report "
+             f"included) from the stage costs in {n['costs']} ({n['timed_on']}); ran on {n['ran_on'] or '-'}.", "",
+             "| run | steps done | whole run, min: planned | measured | training (wall), min: planned | measured | "
+             "wall / baseline's: cost model | measured |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in n["runs"].items():
+        lines.append(f"| {name} | {r['steps'] or '-'} | {minutes(r['planned_s'])} | {minutes(r['measured_s'])} | "
+                     f"{minutes(r['planned_train_s'])} | {minutes(r['measured_train_s'])} | "
+                     f"{ratio(r['cost_model_ratio'])} | {ratio(r['measured_ratio'])} |")
+    for label, key in (("token cache", "data"), ("token cache and runs", "data_and_runs")):
+        lines.append(f"| {label} | | {minutes(n[key]['planned_s'])} | {minutes(n[key]['measured_s'])} | | | | |")
+    return "\n".join(lines)
+
+
+def times_path(a) -> str:
+    return os.path.join(a.out, "window_times.json")
+
+
+def read_times(a) -> dict:
+    """What run_window measured so far: seconds of the token cache and of each run, and the device."""
+    if not os.path.exists(times_path(a)):
+        return {}
+    with open(times_path(a)) as f:
+        return json.load(f)
+
+
+def write_times(a, times: dict):
+    bert.atomic_write(times_path(a), lambda f: f.write(json.dumps(times, indent=1).encode()))
+
+
+def run_window(a) -> int:
+    """--window: print the plan; unless --plan, build the token cache and train each run, timing each into
+    <out>/window_times.json (written after each, so that a command cut short keeps what it measured; a run
+    resumed after one keeps the time of its last part), then write the report."""
+    print(window_table(a, window_numbers(a, {}, {})), flush=True)
+    if a.plan:
+        return 0
+    times = read_times(a)
+    times["device"] = (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu") + f", torch {torch.__version__}"
+    t0 = time.perf_counter()
+    print("== token cache", flush=True)
+    unigram_plateau(a)  # builds the cache that every run reuses
+    times.setdefault("data", time.perf_counter() - t0)  # a rerun finds it built: the first build's time stays
+    write_times(a, times)
+    for name in a.runs:
+        finished = run_state(os.path.join(a.out, name))[0] == "done"
+        t0 = time.perf_counter()
+        run(a, name, method_flags(a, name))
+        if not finished:
+            times[name] = time.perf_counter() - t0
+        write_times(a, times)
+    report(a)
+    return 0
+
+
 if __name__ == "__main__":
     args = parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.window and not args.report_only:
+        sys.exit(run_window(args))
     if args.replicates:
         table = replicates_table(args.replicates)
         with open(os.path.join(args.out, "replicates.md"), "w") as f:
