@@ -288,13 +288,35 @@ class Tokenizer:
                 "merges": [list(m) for m in self.merges]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Tokenizer":
+    def from_dict(cls, d: dict, vocab_size: Optional[int] = None) -> "Tokenizer":
+        """The tokenizer of to_dict's state (a checkpoint's), checked (see checked), of `vocab_size` tokens if given."""
+        d = d if isinstance(d, dict) else {"format": type(d).__name__}
         if d.get("format") != cls.FORMAT or d.get("version") != cls.VERSION:
             raise DataError(f"not a {cls.FORMAT} v{cls.VERSION} tokenizer: format={d.get('format')!r}, "
                             f"version={d.get('version')!r}; one of another data.py version must be trained again")
         if d.get("specials") != SPECIALS:
             raise DataError("tokenizer was saved with other special tokens; retrain it")
-        return cls(d["merges"], d["lowercase"], d["pretoken_pattern"])
+        return cls.checked(d.get("merges"), d.get("lowercase"), d.get("pretoken_pattern"), vocab_size)
+
+    @classmethod
+    def checked(cls, merges, lowercase, pretoken, vocab_size: Optional[int] = None) -> "Tokenizer":
+        """A tokenizer of parts read from a file (to_dict's state, or a tokenizer.json), each checked before it is
+        used, so that a damaged or foreign file is refused in one DataError line: each merge joins two pieces made
+        before it (ids from 5, the first byte, up to 260 + its rank); the pre-token pattern is a string that compiles;
+        and, given the model's `vocab_size`, the tokenizer has that many tokens. Specials and byte alphabet have
+        fixed ids (0-4, 5-260): from_dict and from_hf check what a file says of them. Keys a file holds beyond
+        these are not read."""
+        try:
+            bad = next((i for i, m in enumerate(merges) if not (isinstance(m, (list, tuple)) and len(m) == 2 and all(
+                type(x) is int and len(SPECIALS) <= x < N_BASE + i for x in m))), None)
+            if bad is not None:
+                raise DataError(f"tokenizer's merge {bad} is {str(merges[bad])[:40]}, not two ids of pieces made "
+                                f"before it ({len(SPECIALS)} to {N_BASE + bad - 1})")
+            if vocab_size is not None and N_BASE + len(merges) != vocab_size:
+                raise DataError(f"tokenizer has {N_BASE + len(merges)} tokens, the model's vocabulary {vocab_size}")
+            return cls(merges, bool(lowercase), pretoken)
+        except (TypeError, re.error) as e:  # merges not a list, a pattern not a string or not one
+            raise DataError(f"tokenizer's merges or pretoken_pattern are not a tokenizer's: {e}") from None
 
     def hash(self) -> str:
         """Short content hash: caches built with another tokenizer are detected by it."""
@@ -306,11 +328,11 @@ class Tokenizer:
         atomic_write(path, lambda f: f.write(json.dumps(d, ensure_ascii=False).encode()))
 
     @classmethod
-    def load(cls, path: str) -> "Tokenizer":
-        """Read a file written by save, or a tokenizer.json written by save_hf."""
+    def load(cls, path: str, vocab_size: Optional[int] = None) -> "Tokenizer":
+        """Read a file written by save, or a tokenizer.json written by save_hf (of `vocab_size` tokens if given)."""
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
-        return cls.from_hf(d) if "model" in d else cls.from_dict(d)
+        return cls.from_hf(d, vocab_size) if isinstance(d, dict) and "model" in d else cls.from_dict(d, vocab_size)
 
     # -- the tokenizers library's tokenizer.json, which transformers' AutoTokenizer loads --------------------
 
@@ -353,17 +375,18 @@ class Tokenizer:
                       "vocab": vocab, "merges": [f"{tokens[a]} {tokens[b]}" for a, b in self.merges]}}
 
     @classmethod
-    def from_hf(cls, d: dict) -> "Tokenizer":
+    def from_hf(cls, d: dict, vocab_size: Optional[int] = None) -> "Tokenizer":
         """Read a tokenizer.json written by to_hf, or saved again by transformers (merges as "a b" or [a, b])."""
         try:
             vocab = d["model"]["vocab"]
             merges = [m.split(" ") if isinstance(m, str) else m for m in d["model"]["merges"]]
             split = next(p for p in d["pre_tokenizer"]["pretokenizers"] if p["type"] == "Split")
             lowercase = any(n["type"] == "Lowercase" for n in d["normalizer"]["normalizers"])
-            tok = cls([(vocab[a], vocab[b]) for a, b in merges], lowercase, split["pattern"]["Regex"])
+            parts = [(vocab[a], vocab[b]) for a, b in merges], lowercase, split["pattern"]["Regex"]
         except (KeyError, TypeError, ValueError, StopIteration) as e:
             raise DataError(f"not a tokenizer.json written by data.Tokenizer.save_hf ({type(e).__name__}: {e})") \
                 from None
+        tok = cls.checked(*parts, vocab_size)
         if dict(zip(tok.hf_tokens(), range(tok.vocab_size))) != vocab:
             raise DataError("tokenizer.json's ids are not data.Tokenizer's layout (specials 0-4, bytes 5-260, "
                             "then one id per merge in rank order)")

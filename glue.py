@@ -37,8 +37,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bert
 from data import DataError, HelpFormatter, Tokenizer, bert_input, truncate_lengths
-from train import (Dist, adamw, all_reduce_mean, autocast, default_dtype, first_line, fmt_time, launch_rank,
-                   locked_folder, param_groups, print0, setup_distributed, unreadable, use_tf32, warmup_then_decay)
+from train import (Dist, adamw, all_reduce_mean, autocast, default_dtype, fmt_time, launch_rank, locked_folder,
+                   model_from_checkpoint, param_groups, print0, setup_distributed, unreadable, use_tf32,
+                   warmup_then_decay)
 
 DEFAULT_GLUE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "glue")
 
@@ -363,7 +364,7 @@ class Backbone:
 
 
 def backbone_parts(path: str, ckpt) -> tuple:
-    """(config, weights, tokenizer) of a loaded train.py checkpoint, checked to fit one another."""
+    """(model, tokenizer) of a loaded train.py checkpoint, checked to fit one another before the model is built."""
     if not isinstance(ckpt, dict):
         raise GlueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint; glue.py needs a checkpoint "
                         f"written by train.py, or a HuggingFace folder with --tokenizer")
@@ -371,17 +372,7 @@ def backbone_parts(path: str, ckpt) -> tuple:
     if missing:
         raise GlueError(f"{path} lacks {', '.join(missing)} (has {', '.join(sorted(map(str, ckpt)))}); glue.py "
                         f"needs a checkpoint written by train.py, or a HuggingFace folder with --tokenizer")
-    try:
-        config = bert.BertConfig(**ckpt["config"])
-        with torch.device("meta"):  # names and shapes only: no memory, no initialisation
-            shapes = {k: v.to("meta") for k, v in ckpt["model"].items()}
-            result = bert.Bert(config).load_state_dict(shapes, strict=False)
-    except (TypeError, ValueError, RuntimeError, AttributeError) as e:
-        raise GlueError(f"{path}: weights do not fit its config ({first_line(e)})") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise GlueError(f"{path}: weights do not fit its config; missing {result.missing_keys[:5]}, "
-                        f"unexpected {result.unexpected_keys[:5]}")
-    return config, ckpt["model"], Tokenizer.from_dict(ckpt["tokenizer"])
+    return model_from_checkpoint(ckpt, path)  # train.py's loading, checks included
 
 
 def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional[str] = None) -> Backbone:
@@ -394,11 +385,11 @@ def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional
             raise GlueError(f"{path} is a HuggingFace folder without our tokenizer; pass --tokenizer FILE (the "
                             f"tokenizer.json of train.py --export-hf, or a JSON file written by data.Tokenizer.save)")
         try:
-            model, tok = bert.load_hf(path), Tokenizer.load(tokenizer_path)
-        except (OSError, KeyError, ValueError) as e:
+            model = bert.load_hf(path)
+            tok = Tokenizer.load(tokenizer_path, model.config.vocab_size)
+        except (OSError, ValueError) as e:
             raise GlueError(f"{path}: not a folder that bert.load_hf and data.Tokenizer.load read "
                             f"({type(e).__name__}: {e})") from None
-        config, state = model.config, model.state_dict()
     else:
         if not os.path.exists(path):
             raise GlueError(f"checkpoint {path} not found")
@@ -407,11 +398,9 @@ def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional
         except Exception as e:
             raise GlueError(f"{unreadable(path, e)}; if it was copied, e.g. by an interrupted copy, copy it again, "
                             f"or give another checkpoint")
-        config, state, tok = backbone_parts(path, ckpt)
-    if tok.vocab_size > config.vocab_size:
-        raise GlueError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}")
+        model, tok = backbone_parts(path, ckpt)
     name = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
-    return Backbone(config, None if random_init else state, tok,
+    return Backbone(model.config, None if random_init else model.state_dict(), tok,
                     name + (" (random init)" if random_init else ""), os.path.abspath(path))
 
 

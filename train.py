@@ -330,7 +330,7 @@ class Trainer:
             raise SystemExit(f"error: {path} was trained with another tokenizer than the one in "
                              f"--cache-dir {self.cfg.cache_dir} for --corpus {self.cfg.corpus or '(synthetic)'}; "
                              f"resume with the run's own corpus and cache (leave both flags out)")
-        model = model_from_checkpoint(ckpt, path, ways_on(self.out))
+        model, _ = model_from_checkpoint(ckpt, path, ways_on(self.out))
         stack.set_trainable(model, self.schedule.stages[ckpt["stage"]].trainable_top)
         self.set_model(model, ckpt["stage"], ckpt["step"])
         try:
@@ -795,15 +795,20 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def model_from_checkpoint(ckpt: dict, path: str, advice: str = "") -> bert.Bert:
-    """The model a checkpoint accepted by load_checkpoint holds; one line naming the file (and `advice`) when
-    its weights do not fit its config."""
+def model_from_checkpoint(ckpt: dict, path: str, advice: str = "") -> tuple:
+    """(model, tokenizer) of a dict with a checkpoint's "config", "model" and "tokenizer", as every loader of a
+    checkpoint gets them (train.py --resume and --export-hf, glue.py, experiments/). Nothing is built before the
+    config is checked against the weights (bert.check_weights) and the tokenizer on its own and against the
+    model's vocabulary (data.Tokenizer.from_dict); one line naming the file (and `advice`) when they do not fit."""
     try:
-        model = bert.Bert(bert.BertConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        raise SystemExit(f"error: {path}: its weights do not fit its config ({first_line(e)}). {advice}".rstrip())
-    return model
+        config = bert.BertConfig(**ckpt["config"])  # TypeError: not a dict, or with keys that are no field
+        bert.check_weights(config, ckpt["model"])
+        tok = data.Tokenizer.from_dict(ckpt["tokenizer"], config.vocab_size)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: {path}: {first_line(e)}. {advice}".rstrip())
+    model = bert.Bert(config)
+    model.load_state_dict(ckpt["model"])
+    return model, tok
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1066,10 +1071,8 @@ def export_hf(checkpoint: str, out_dir: str):
     """Write a checkpoint train.py wrote (checkpoint.pt or stage<i>_end.pt, either layout) as a folder that
     transformers' AutoModelForMaskedLM, AutoTokenizer and pipeline("fill-mask") load: config.json and
     model.safetensors (bert.save_hf), tokenizer.json and its two config files (data.Tokenizer.save_hf)."""
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt, checkpoint)
+    model, tok = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
     try:
-        tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
         bert.save_hf(model, out_dir)
         tok.save_hf(out_dir, model.config.max_position)
     except (data.DataError, OSError) as e:
