@@ -51,10 +51,9 @@ class BertConfig:
     def __post_init__(self):
         """Refuse, in one line, a config that no BERT has, before anything is built from it: a config may come
         from a file (a checkpoint, a config.json), retyped or damaged."""
-        sizes = [f.name for f in fields(self) if f.type is int]
-        bad = [f"{k}={getattr(self, k)!r}" for k in sizes if type(getattr(self, k)) is not int or getattr(self, k) < 1]
-        bad += [f"{k}={getattr(self, k)!r}" for k in ("dropout", "attn_dropout", "ln_eps")
-                if type(getattr(self, k)) not in (int, float) or not 0 <= getattr(self, k) < 1]  # NaN fails too
+        kinds = {f.name: f.type for f in fields(self)}
+        bad = [f"{k}={v!r}" for k, v in vars(self).items() if kinds[k] is int and (type(v) is not int or v < 1)
+               or kinds[k] is float and (type(v) not in (int, float) or not 0 <= v < 1)]  # NaN fails too
         if bad:
             raise ValueError(f"config has {', '.join(bad)}: sizes must be positive integers, rates in [0, 1)")
         if self.n_layer > MAX_LAYERS or self.n_layer % self.group_size or self.d_model % self.n_head:
@@ -391,7 +390,7 @@ def read_safetensors(path: str) -> dict:
         data = bytearray(f.read())
     spans = []
     for name, t in header.items():
-        ok = (name == "__metadata__" or isinstance(t, dict) and t.get("dtype") in _SAFETENSORS_DTYPES and
+        ok = (name == "__metadata__" or isinstance(t, dict) and str(t.get("dtype")) in _SAFETENSORS_DTYPES and
               _naturals(t.get("shape")) and _naturals(t.get("data_offsets")) and len(t["data_offsets"]) == 2)
         if ok and name != "__metadata__":
             dtype, (begin, end) = _SAFETENSORS_DTYPES[t["dtype"]], t["data_offsets"]
@@ -459,16 +458,15 @@ def check_weights(c: BertConfig, weights, hf_skip: Optional[int] = None):
     expected = {k: v.shape for k, v in (model.state_dict() if hf_skip is None else _hf_views(model)).items()}
     if hf_skip:
         expected[ROBERTA_POSITIONS] = torch.Size([c.max_position + hf_skip, c.d_model])
-    missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected and (hf_skip is None or k not in {*HF_TIED, *HF_BUFFERS})]
-    if missing or unexpected:
-        raise ValueError(f"the weights are not those of the config's model: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}")
-    for k, shape in expected.items():
-        if weights[k].shape != shape or not weights[k].is_floating_point():
-            raise ValueError(f"the weights' {k} is {weights[k].dtype} {list(weights[k].shape)}, the config's model has "
-                             f"float {list(shape)} ({c.vocab_size} tokens, {c.max_position} positions, d_model x d_ff "
-                             f"{c.d_model} x {c.d_ff})")
+    if unexpected:
+        raise ValueError(f"the weights hold {unexpected[0]}, which the config's model has not")
+    wrong = next((k for k, shape in expected.items() if k not in weights or weights[k].shape != shape
+                  or not weights[k].is_floating_point()), None)
+    if wrong:
+        held = f"{weights[wrong].dtype} {list(weights[wrong].shape)}" if wrong in weights else "missing"
+        raise ValueError(f"the weights' {wrong} is {held}, the config's model has float {list(expected[wrong])} "
+                         f"({c.vocab_size} tokens, {c.max_position} positions, d_model x d_ff {c.d_model} x {c.d_ff})")
     group_first = lambda k: LAYER.sub(lambda m: f"layers.{int(m[1]) - int(m[1]) % c.group_size}.", k, count=1)
     same = [(k, v) for k, v in HF_TIED.items() if k in weights] if hf_skip is not None else \
         [(k, group_first(k)) for k in weights if c.group_size > 1]  # tied copies; layers of one shared block
@@ -480,7 +478,8 @@ def check_weights(c: BertConfig, weights, hf_skip: Optional[int] = None):
 
 def load_hf(directory: str) -> Bert:
     """Read a HuggingFace folder, ours or one written by transformers (config.json and model.safetensors, its
-    format since 4.35). A pre-LN model's pooler and NSP head, absent there, keep their fresh initialisation.
+    format since 4.35; an older folder's pytorch_model.bin can be written as one by save_pretrained). A pre-LN
+    model's pooler and NSP head, absent there, keep their fresh initialisation.
     Nothing is built before config and weights are checked to fit (check_weights); a folder that fails is
     refused in one ValueError (or OSError) line."""
     path = os.path.join(directory, "config.json")
@@ -498,11 +497,7 @@ def load_hf(directory: str) -> Bert:
                             max_position=hc["max_position_embeddings"] - skip)
     except (AttributeError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a BERT config.json: {type(e).__name__} {e}") from None
-    st = os.path.join(directory, "model.safetensors")
-    if not os.path.exists(st):
-        raise FileNotFoundError(f"{directory} holds no model.safetensors (transformers writes one since 4.35; an "
-                                f"older folder's pytorch_model.bin can be saved again with save_pretrained)")
-    theirs = read_safetensors(st)
+    theirs = read_safetensors(os.path.join(directory, "model.safetensors"))
     check_weights(config, theirs, hf_skip=skip)
     if pre_norm:
         theirs[ROBERTA_POSITIONS] = theirs[ROBERTA_POSITIONS][skip:]
