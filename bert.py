@@ -469,7 +469,7 @@ def check_weights(c: BertConfig, weights, hf_skip: Optional[int] = None):
                          f"({c.vocab_size} tokens, {c.max_position} positions, d_model x d_ff {c.d_model} x {c.d_ff})")
     group_first = lambda k: LAYER.sub(lambda m: f"layers.{int(m[1]) - int(m[1]) % c.group_size}.", k, count=1)
     same = [(k, v) for k, v in HF_TIED.items() if k in weights] if hf_skip is not None else \
-        [(k, group_first(k)) for k in weights if c.group_size > 1]  # tied copies; layers of one shared block
+        [(k, group_first(k)) for k in weights if group_first(k) != k]  # tied copies; layers of one shared block
     for k, v in same:
         if not torch.equal(weights[k], weights[v]):
             raise ValueError(f"the weights' {k} differs from {v}, which the config's model shares with it (tied "
