@@ -727,9 +727,10 @@ class Prepared:
     reused: bool  # True when the cache was read instead of rebuilt
     unigram_entropy: float  # nats per token of the train split's unigram distribution (specials excluded)
     majority_accuracy: float  # MLM accuracy of always guessing the train split's most frequent token
+    fingerprint: str  # a hash of the tokenizer and of every array's bytes: equal where the data are the same
 
 
-CACHE_FORMAT, CACHE_VERSION = "bert-token-cache", 2
+CACHE_FORMAT, CACHE_VERSION = "bert-token-cache", 3  # 3: header.json holds each array's hash
 SPLIT_ARRAYS = ("tokens", "sent_starts", "doc_starts")  # the fields of Split, one .npy file each per split
 
 
@@ -965,11 +966,13 @@ def _count_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, progres
 
 
 class _ArrayWriter:
-    """A 1-D .npy file written in pieces: a header with room for any length, the data appended, then the
-    header rewritten with the final length and the file renamed into place. abort() removes it."""
+    """A 1-D .npy file written in pieces: a header with room for any length, the data appended (and hashed, so
+    that two machines can compare their caches cheaply), then the header rewritten with the final length and
+    the file renamed into place. abort() removes it."""
 
     def __init__(self, path: str, dtype):
         self.path, self.tmp, self.dtype, self.n = path, f"{path}.tmp{os.getpid()}", np.dtype(dtype), 0
+        self.digest = hashlib.blake2b(digest_size=16)
         self.f = open(self.tmp, "wb")
         self.header_len = self.f.write(self.header())
 
@@ -980,7 +983,9 @@ class _ArrayWriter:
         return buf.getvalue()
 
     def append(self, values: np.ndarray):
-        self.f.write(np.ascontiguousarray(values, self.dtype).tobytes())
+        raw = np.ascontiguousarray(values, self.dtype).tobytes()
+        self.digest.update(raw)
+        self.f.write(raw)
         self.n += len(values)
 
     def close(self) -> int:
@@ -1002,7 +1007,7 @@ class _ArrayWriter:
 def _encode_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, tok: Tokenizer, extra_valid: list,
                  progress) -> tuple:
     """Encode every chunk (in workers) and append its arrays to the cache's .npy files in corpus order;
-    (file sizes, token histogram of the train split)."""
+    (file sizes, file hashes, token histogram of the train split)."""
     token_dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32
     writers = {f"{s}.{a}": _ArrayWriter(os.path.join(cfg.cache_dir, f"{s}.{a}.npy"),
                                         token_dtype if a == "tokens" else np.int64)
@@ -1023,7 +1028,8 @@ def _encode_pass(cfg: DataConfig, chunks, total: int, pool, workers: int, tok: T
             counts += r["counts"]
             meter.add(r["size"], r["docs"])
         meter.add(0, 0, end=True)
-        return {name: w.close() for name, w in writers.items()}, counts
+        sizes = {name: w.close() for name, w in writers.items()}
+        return sizes, {name: w.digest.hexdigest() for name, w in writers.items()}, counts
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -1108,16 +1114,18 @@ def _build_cache(cfg: DataConfig, key: dict, progress):
             progress(f"trained BPE: {tok.vocab_size} tokens in {time.time() - t0:.1f} s")
         del counts
         tok.save(os.path.join(cfg.cache_dir, "tokenizer.json"))
-        sizes, token_hist = _encode_pass(cfg, chunks(), total, pool, workers, tok, extra_valid, progress)
+        sizes, hashes, token_hist = _encode_pass(cfg, chunks(), total, pool, workers, tok, extra_valid, progress)
     header = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "tokenizer_hash": tok.hash(),
-              "sizes": sizes, "report": report, "stats": token_stats(token_hist)}
+              "sizes": sizes, "hashes": hashes, "report": report, "stats": token_stats(token_hist)}
     atomic_write(header_path, lambda f: f.write(json.dumps(header, indent=1).encode()))
 
 
 def _prepared(cached: tuple, reused: bool) -> Prepared:
     tok, (train, valid), header = cached
+    fingerprint = hashlib.blake2b(json.dumps([header["tokenizer_hash"], header["hashes"]], sort_keys=True).encode(),
+                                  digest_size=16).hexdigest()
     return Prepared(tok, train, valid, header["report"], reused, header["stats"]["unigram_entropy"],
-                    header["stats"]["majority_accuracy"])
+                    header["stats"]["majority_accuracy"], fingerprint)
 
 
 def open_cache(cache_dir: str) -> Prepared:

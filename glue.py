@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bert
 from data import DataError, HelpFormatter, Tokenizer, bert_input, truncate_lengths
 from train import (Dist, adamw, all_reduce_mean, autocast, default_dtype, fmt_time, launch_rank, locked_folder,
-                   model_from_checkpoint, param_groups, print0, setup_distributed, unreadable, use_tf32,
+                   model_from_checkpoint, param_groups, print0, require_shared, setup_distributed, unreadable, use_tf32,
                    warmup_then_decay)
 
 DEFAULT_GLUE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "glue")
@@ -757,6 +757,8 @@ def main(argv=None) -> int:
 def finetune_all(a, tasks: list, cfg: FinetuneConfig, outs: list) -> int:
     """Every task of every --checkpoint into its results folder, then the results tables."""
     ranks = setup_distributed(cfg.device)
+    for out in outs:
+        require_shared(ranks, out, "--out")
     for path, out in zip(a.checkpoint, outs):
         backbone = load_backbone(path, a.random_init, a.tokenizer)
         if cfg.max_seq_len > backbone.config.max_position:

@@ -2276,6 +2276,232 @@ def test_torchrun_a_failing_rank_ends_every_rank_within_seconds_and_refusals_pri
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Across machines: two torchrun launchers on this machine act as two nodes. Node 1 may run in a mount namespace
+# of its own with a tmpfs over some folders, so that its disk there really differs from node 0's.
+
+NODE_LAUNCHER = """
+import os, signal, sys, time
+sys.path.insert(0, {here!r})
+import data, train
+node, first_try = os.environ["GROUP_RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"
+build, step = data._build_cache, train.Trainer.train_step
+def slow_build(*args):  # long enough for node 0 to be killed while it builds
+    time.sleep(120)
+    return build(*args)
+def crashing_step(self):  # node 1's worker dies by SIGKILL in the middle of training, on the first try only
+    if str(self.step) == os.environ.get("CRASH_AT_STEP") and node == "1" and first_try:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self)
+if node == "0" and "SLOW_BUILD" in os.environ:
+    data._build_cache = slow_build
+train.Trainer.train_step = crashing_step
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def node_launcher(tmp_path):
+    path = tmp_path / "node.py"
+    path.write_text(NODE_LAUNCHER.format(here=os.path.dirname(os.path.abspath(__file__))))
+    return path
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def needs_namespaces(tmp_path):
+    """Skip unless this process may give a child its own mounts (root, or a kernel that lets users do it)."""
+    import shutil
+    import subprocess
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    cmd = ["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "tmpfs", str(probe)]
+    if shutil.which("unshare") is None or subprocess.run(cmd, capture_output=True).returncode != 0:
+        pytest.skip("this machine does not let a process mount a tmpfs in a namespace of its own (unshare -m)")
+
+
+def start_nodes(tmp_path, script, args, nproc=1, static=False, node1_own=None, extra=(), env=None):
+    """torchrun on two 'nodes' at once, `nproc` processes each, output in tmp_path/node<i>.log; their Popens.
+    c10d rendezvous on 127.0.0.1, or static (--node-rank, --master-addr). Node 1 runs in its own mount namespace
+    with a fresh tmpfs over each folder of `node1_own` ({folder: a folder to copy in, or None}): its own disk."""
+    import shlex
+    import subprocess
+    port = free_port()
+    here = os.path.dirname(os.path.abspath(__file__))
+    nodes = []
+    for node in (0, 1):
+        where = (["--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port)] if static else
+                 ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"])
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", str(nproc),
+               *where, *extra, str(script), *args]
+        if node == 1 and node1_own:
+            mounts = [f"mkdir -p {f} && mount -t tmpfs tmpfs {f}" + (f" && cp -r {shlex.quote(str(src))}/. {f}" if src else "")
+                      for f, src in ((shlex.quote(str(f)), src) for f, src in node1_own.items())]
+            cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", " && ".join(mounts + ["exec " + shlex.join(cmd)])]
+        with open(tmp_path / f"node{node}.log", "w") as log:
+            nodes.append(subprocess.Popen(cmd, cwd=here, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}))
+    return nodes
+
+
+def run_nodes(tmp_path, *args, **kw) -> list:
+    """start_nodes, then wait for both: [(exit code, output) of node 0, of node 1]."""
+    nodes = start_nodes(tmp_path, *args, **kw)
+    try:
+        codes = [n.wait(timeout=120) for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    return [(code, (tmp_path / f"node{i}.log").read_text()) for i, code in enumerate(codes)]
+
+
+def both_succeed(results):
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + "\n----\n" + results[1][1][-3000:]
+
+
+def one_process_losses(tmp_path, args, micro: int) -> dict:
+    import train
+    assert train.main(args + ["--micro-batch", str(micro), "--out", str(tmp_path / "one")]) == 0
+    return train_losses(tmp_path / "one")
+
+
+def test_two_nodes_train_as_one_process_and_restart_together(tmp_path, run_cache, node_launcher):
+    """Two nodes x 1 process (c10d rendezvous) give the losses of 1 process with the same global batch. With
+    --max-restarts 1, a worker killed on node 1 at step 3 restarts both nodes, which resume from the step-2
+    checkpoint and end with the uninterrupted run's losses, bit for bit."""
+    args = TINY_RUN + ["--method", "mslt", "--k", "2", "--steps", "6", "--dropout", "0", "--save-every", "2",
+                       "--cache-dir", run_cache]
+    restarts = ("--max-restarts", "1")
+    both_succeed(run_nodes(tmp_path, node_launcher, args + ["--out", str(tmp_path / "whole")], extra=restarts))
+    whole = train_losses(tmp_path / "whole")
+    one = one_process_losses(tmp_path, args, micro=4)
+    assert sorted(whole) == sorted(one) == list(range(1, 7))
+    assert all(whole[s] == pytest.approx(one[s], rel=1e-5, abs=1e-5) for s in one)
+    crashed = tmp_path / "crashed"
+    results = run_nodes(tmp_path, node_launcher, args + ["--out", str(crashed)], extra=restarts,
+                        env={"CRASH_AT_STEP": "3"})
+    both_succeed(results)
+    assert f"resumed {crashed / 'checkpoint.pt'} at step 2" in results[0][1]
+    assert train_losses(crashed) == whole
+
+
+def test_node_local_caches_are_built_per_node_and_checked(tmp_path, run_cache, node_launcher):
+    """Two nodes x 2 processes (static rendezvous: --node-rank, --master-addr), where node 1 cannot see the cache
+    folder rank 0 writes (a tmpfs over it): its local rank 0, global rank 2, builds one of its own while rank 3
+    waits for it, and the losses are those of 1 process. A node whose corpus file differs is stopped at start,
+    in one line naming both nodes."""
+    import socket
+    needs_namespaces(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    args = TINY_RUN + ["--schedule", "3:2,12:2", "--steps", "4", "--dropout", "0", "--cache-dir", str(cache)]
+    results = run_nodes(tmp_path, node_launcher, args + ["--out", str(tmp_path / "ddp")], nproc=2, static=True,
+                        node1_own={cache: None})
+    both_succeed(results)
+    assert f"node 1 ({socket.gethostname()}) has its own, by rank 2" in results[0][1]
+    assert results[1][1].count("building token cache") == 1  # rank 2 built it, rank 3 opened it
+    ddp, one = train_losses(tmp_path / "ddp"), one_process_losses(tmp_path, args, micro=2)
+    assert sorted(ddp) == sorted(one) == [1, 2, 3, 4]
+    assert all(ddp[s] == pytest.approx(one[s], rel=1e-5, abs=1e-5) for s in one)
+
+    corpus, other = tmp_path / "corpus", tmp_path / "corpus-of-node-1"  # one path, other text on node 1's disk
+    for folder, says in ((corpus, "zero"), (other, "one")):
+        folder.mkdir()
+        (folder / "a.txt").write_text("".join(f"Node {says} says {d} things. It ends here.\n\n" for d in range(60)))
+    cache = tmp_path / "cache-of-text"
+    args = TINY_RUN + ["--method", "baseline", "--steps", "3", "--corpus", str(corpus), "--cache-dir", str(cache), "--out", str(tmp_path / "x")]
+    results = run_nodes(tmp_path, node_launcher, args, node1_own={corpus: other, cache: None})
+    host = socket.gethostname()
+    assert results[0][0] != 0 and results[0][1].count(
+        f"error: the token cache in --cache-dir {cache} differs between node 0 ({host}) and node 1 ({host})") == 1
+    assert f'File "{os.path.dirname(os.path.abspath(__file__))}' not in results[0][1] + results[1][1]  # no traceback of ours
+
+
+def test_out_on_node_local_disks_is_refused_at_start(tmp_path, node_launcher):
+    """A train.py or glue.py --out that node 1 sees as another folder (a tmpfs over it) is refused before any
+    work, in one line that names the flag and says the folder must be shared."""
+    import socket
+    import train
+    needs_namespaces(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = TINY_RUN + ["--method", "baseline", "--steps", "3", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    results = run_nodes(tmp_path, node_launcher, args, node1_own={out: None})
+    line = (f"error: --out {out} must be shared by every node: node 1 ({socket.gethostname()}) does not see the "
+            f"folder that rank 0 on node 0 ({socket.gethostname()}) writes; put it on a shared filesystem")
+    assert results[0][0] != 0 and results[0][1].count(line) == 1, results[0][1][-3000:]
+    assert "building token cache" not in results[0][1]  # refused before any work
+    assert train.main(TINY_RUN + ["--method", "baseline", "--steps", "3", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]) == 0
+    glue_launcher = tmp_path / "glue_node.py"
+    glue_launcher.write_text(f"import sys\nsys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+                             "import glue\nsys.exit(glue.main(sys.argv[1:]))\n")
+    results = run_nodes(tmp_path, glue_launcher, ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"),
+                                                  "--task", "RTE", "--device", "cpu", "--out", str(out)],
+                        node1_own={out: None})
+    assert results[0][0] != 0 and results[0][1].count(line) == 1, results[0][1][-3000:]
+
+
+def test_node_0_killed_while_it_builds_the_cache_ends_node_1_within_a_minute(tmp_path, node_launcher):
+    """kill -9 of node 0 (launcher and worker) while rank 0 builds the token cache: the rank of node 1, which waits
+    for it through torchrun's store, ends within 60 s, saying in one line what happened."""
+    import signal
+    import time
+    args = TINY_RUN + ["--method", "baseline", "--steps", "3", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]
+    nodes = start_nodes(tmp_path, node_launcher, args, env={"SLOW_BUILD": "1"})
+    try:
+        deadline = time.time() + 120
+        while "building token cache" not in (tmp_path / "node0.log").read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)  # node 1's rank is waiting now
+        os.killpg(nodes[0].pid, signal.SIGKILL)
+        t0 = time.time()
+        code = nodes[1].wait(timeout=60)
+        took = time.time() - t0
+    finally:
+        for n in nodes:
+            n.kill()
+    output = (tmp_path / "node1.log").read_text()
+    assert code != 0 and took < 60, output[-3000:]
+    assert output.count("while the token cache was built") + output.count("stopped while building the token cache") == 1, output[-3000:]
+
+
+def test_a_silent_builder_or_a_failed_one_ends_the_waiting_ranks(monkeypatch, capsys):
+    """The wait's liveness check on its own (an in-process store): a builder whose heartbeat stops ends the
+    waiting rank after HEARTBEAT_STALE_S, in one line; a builder's posted error becomes every rank's error."""
+    import datetime
+    import time
+    import train
+    store = torch.distributed.HashStore()
+    store.set_timeout(datetime.timedelta(seconds=5))
+    monkeypatch.setattr(train.Dist, "store", lambda self: store)
+    monkeypatch.setattr(train, "HEARTBEAT_STALE_S", 1.0)
+    d = train.Dist(rank=1, world=2, local_rank=0)
+    store.add("cache/x/0/beat", 5)  # it beat five times, then stopped
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        train.wait_for_builders(d, "cache/x", {0: "node 0 (a)"})
+    assert e.value.code == 1 and 1 < time.time() - t0 < 3
+    assert capsys.readouterr().err.startswith("error: rank 0 on node 0 (a) stopped while building the token cache")
+    store.set("cache/y/0", "")
+    store.set("cache/y/2", "corpus.txt:3: not UTF-8")  # a node's builder failed: its error ends this rank too
+    with pytest.raises(DataError, match="corpus.txt:3: not UTF-8"):
+        train.wait_for_builders(d, "cache/y", {0: "node 0 (a)", 2: "node 1 (b)"})
+    monkeypatch.setattr(train, "HEARTBEAT_S", 0.05)  # the builder's side: it beats while it builds, then posts
+    assert train.build_with_heartbeat(d, "cache/z/1", lambda: time.sleep(0.5) or "prepared") == "prepared"
+    assert store.get("cache/z/1") == b"" and store.add("cache/z/1/beat", 0) >= 3
+
+    def failing():
+        raise DataError("corpus.txt:3: not UTF-8")
+    with pytest.raises(DataError):
+        train.build_with_heartbeat(d, "cache/w/1", failing)
+    assert store.get("cache/w/1") == b"corpus.txt:3: not UTF-8"
+
+
+# ----------------------------------------------------------------------------------------------------------
 # train.py: the GPU step (checked on the CPU where it can be; the CUDA-only test is skipped without a GPU)
 
 

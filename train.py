@@ -30,10 +30,15 @@ import math
 import multiprocessing
 import os
 import re
+import secrets
 import signal
+import socket
 import sys
+import threading
 import time
+from collections import namedtuple
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -697,46 +702,144 @@ def run_schedule(cfg: TrainConfig):
 
 
 def prepare_data(cfg: TrainConfig, d: Dist):
-    """Tokenize once on rank 0 (cached), then every rank memory-maps the same arrays. The other ranks wait on
-    the file system, not in a collective (a large corpus takes longer than a process group's timeout: NCCL's
-    is 10 minutes) for <cache_dir>/build-status.json; a failure there ends every rank with its error."""
+    """Tokenize once per filesystem (cached), then every rank memory-maps the arrays.
+
+    Under torchrun, rank 0 builds (or reuses) the cache in --cache-dir. A node that does not see rank 0's
+    folder there (a node-local disk: rank0_views) has its local rank 0 build or reuse one on its own disk.
+    Every other rank waits for its builder, and every builder for the others, through torchrun's key-value
+    store, not in a collective: a large corpus takes longer than a process group's timeout (NCCL's is 10
+    minutes). No wait is blind: a builder's failure ends every rank with its error, and a builder that stops
+    beating (killed, its node lost) ends them within HEARTBEAT_STALE_S. Then one collective checks that every
+    rank opened the same data as rank 0 (data.Prepared.fingerprint: tokenizer and arrays)."""
     dcfg = data.DataConfig(corpus=list(cfg.corpus), cache_dir=cfg.cache_dir, vocab_size=cfg.vocab_size,
                            seed=cfg.data_seed, seq_len=cfg.seq_len, decode_errors=cfg.decode_errors,
                            workers=cfg.workers)
-    status = os.path.join(cfg.cache_dir, "build-status.json")
-    if d.world > 1:
-        if d.master:
-            os.makedirs(cfg.cache_dir, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(status)
-        dist.barrier()  # quick: every rank has just joined; from here on a status file is this run's
-        if not d.master:
-            return wait_for_cache(status, cfg.cache_dir)
-    try:
-        prepared = data.prepare(dcfg, progress=print)
-    except BaseException as e:  # main() reports it; the other ranks read it and end too
-        if d.world > 1:
-            failed = f"rank 0 stopped building the token cache ({type(e).__name__})"
-            write_status(status, str(e) if isinstance(e, data.DataError) else failed)
-        raise
-    if d.world > 1:
-        write_status(status, None)
+    if d.world == 1:
+        return data.prepare(dcfg, progress=print)
+    run_id, views = rank0_views(d, cfg.cache_dir)
+    builders = {0} | {v.first_rank for v in views if not v.sees_rank0}
+    print0(d, f"token cache: built or reused in --cache-dir {cfg.cache_dir} by rank 0"
+              + "".join(f"; {views[r].node} has its own, by rank {r}" for r in sorted(builders - {0})))
+    prepared = None
+    if d.rank in builders:
+        progress = print if d.master else (lambda line: print(f"[{views[d.rank].node}] {line}", flush=True))
+        prepared = build_with_heartbeat(d, f"cache/{run_id}/{d.rank}", lambda: data.prepare(dcfg, progress))
+    wait_for_builders(d, f"cache/{run_id}", {r: views[r].node for r in builders})
+    prepared = prepared or data.open_cache(cfg.cache_dir)
+    check_same_data(d, prepared, views, cfg.cache_dir)
     return prepared
 
 
-def write_status(path: str, error: Optional[str]):
-    bert.atomic_write(path, lambda f: f.write(json.dumps({"error": error}).encode()))
+# What one rank sees of a folder that rank 0 names (rank0_views): its node ("node 1 (hostname)": torchrun's node
+# rank and the host), the global rank of its node's local rank 0, and whether its copy of the folder is rank 0's
+# (a shared filesystem) or its node's own (a node-local disk).
+View = namedtuple("View", "node first_rank sees_rank0")
 
 
-def wait_for_cache(status: str, cache_dir: str, poll: float = 0.5) -> data.Prepared:
-    """The cache rank 0 builds, once its status file says it is done; its error if it failed."""
-    while not os.path.exists(status):
-        time.sleep(poll)
-    with open(status) as f:
-        error = json.load(f)["error"]
-    if error:
-        raise data.DataError(error)
-    return data.open_cache(cache_dir)
+def rank0_views(d: Dist, folder: str) -> tuple:
+    """(run id, [View of each rank]): which ranks see rank 0's `folder`. Rank 0 writes a fresh random id into
+    <folder>/.rank0-id and sends it to every rank; each rank reads its own copy of that file, and a second
+    collective gathers the answers. Where rank 0 cannot write there (a read-only, prebuilt cache), no rank
+    sees the id, and each node reads its own copy."""
+    marker, run_id = os.path.join(folder, ".rank0-id"), [secrets.token_hex(8)]
+    if d.master:
+        with contextlib.suppress(OSError):
+            os.makedirs(folder, exist_ok=True)
+            bert.atomic_write(marker, lambda f: f.write(run_id[0].encode()))
+    dist.broadcast_object_list(run_id, src=0, group=d.host_group)
+    seen = False
+    with contextlib.suppress(OSError), open(marker) as f:
+        seen = f.read() == run_id[0]
+    node = f"node {os.environ.get('GROUP_RANK', '0')} ({socket.gethostname()})"
+    return run_id[0], gather(d, View(node, d.rank - d.local_rank, seen))
+
+
+def gather(d: Dist, value) -> list:
+    """Every rank's `value` (a small picklable one), on every rank: one collective on the host."""
+    values = [None] * d.world
+    dist.all_gather_object(values, value, group=d.host_group)
+    return values
+
+
+def require_shared(d: Dist, folder: str, flag: str):
+    """Refuse at start, not at the first save or resume, a run whose nodes do not all see rank 0's `folder`:
+    rank 0 alone writes there, and every rank reads the checkpoint there to resume."""
+    if d.world > 1:
+        views = rank0_views(d, folder)[1]
+        blind = next((v for v in views if not v.sees_rank0), None)
+        if blind:
+            raise SystemExit(f"error: {flag} {folder} must be shared by every node: {blind.node} does not see the "
+                             f"folder that rank 0 on {views[0].node} writes; put it on a shared filesystem")
+
+
+HEARTBEAT_S, HEARTBEAT_STALE_S = 2.0, 30.0  # a builder's beat, and how long a silent one is trusted
+
+
+def build_with_heartbeat(d: Dist, key: str, build):
+    """build() while a thread adds 1 to <key>/beat in the store every HEARTBEAT_S seconds; then the outcome
+    goes to <key>: "" for done, else the error every rank ends with (raised here too)."""
+    stop, store = threading.Event(), d.store()
+    threading.Thread(target=beat, args=(d.store(), key + "/beat", stop), daemon=True).start()
+    try:
+        prepared = build()
+    except BaseException as e:
+        store.set(key, str(e) if isinstance(e, data.DataError) else
+                  f"rank {d.rank} stopped building the token cache ({type(e).__name__})")
+        raise
+    finally:
+        stop.set()
+    store.set(key, "")
+    return prepared
+
+
+def beat(store, key: str, stop: threading.Event):
+    """The heartbeat loop (a thread's own store client); a lost store ends it quietly: the waits report that."""
+    with contextlib.suppress(dist.DistError):
+        while not stop.wait(HEARTBEAT_S):
+            store.add(key, 1)
+
+
+def wait_for_builders(d: Dist, prefix: str, builders: dict):
+    """Wait until every builder (rank -> node) has posted its outcome at <prefix>/<rank>, and raise the first
+    error posted. A builder whose beat has not moved for HEARTBEAT_STALE_S, or a store that cannot be reached
+    (node 0's launcher holds it), ends this rank in one line (lost_rank)."""
+    store, last = d.store(), {r: (-1, time.monotonic()) for r in builders}
+    try:
+        while pending := [r for r in builders if not store.check([f"{prefix}/{r}"])]:
+            for r in pending:
+                count = store.add(f"{prefix}/{r}/beat", 0)
+                if count != last[r][0]:
+                    last[r] = (count, time.monotonic())
+                elif time.monotonic() - last[r][1] > HEARTBEAT_STALE_S:
+                    lost_rank(d, f"rank {r} on {builders[r]} stopped while building the token cache (no heartbeat "
+                                 f"for {HEARTBEAT_STALE_S:.0f} s: killed, hung, or its node lost)")
+            time.sleep(0.25)
+        errors = [store.get(f"{prefix}/{r}").decode() for r in sorted(builders)]
+    except dist.DistError as e:
+        lost_rank(d, f"torchrun's store at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} is gone while "
+                     f"the token cache was built ({type(e).__name__}): node 0's launcher stopped")
+    if any(errors):
+        raise data.DataError(next(e for e in errors if e))
+
+
+def lost_rank(d: Dist, what: str):
+    """End this rank because another one is gone. Said by each node's local rank 0, as rank 0, which reports
+    every other error, may be the one lost."""
+    if d.local_rank == 0:
+        print(f"error: {what}; every rank stops. Run the job again (a finished token cache is reused)",
+              file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def check_same_data(d: Dist, prepared: data.Prepared, views: list, cache_dir: str):
+    """One collective: every rank's data fingerprint (tokenizer and arrays) against rank 0's. A difference
+    (other corpus files, or settings, on a node's own disk) stops every rank, naming both nodes."""
+    prints = gather(d, prepared.fingerprint)
+    other = next((r for r, p in enumerate(prints) if p != prints[0]), None)
+    if other is not None:
+        raise SystemExit(f"error: the token cache in --cache-dir {cache_dir} differs between {views[0].node} and "
+                         f"{views[other].node} (tokenizer or token arrays): give every node the same --corpus "
+                         f"files, or put --cache-dir on a shared filesystem")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -908,6 +1011,12 @@ class Dist:
     @property
     def master(self) -> bool:
         return self.rank == 0
+
+    def store(self) -> dist.Store:
+        """A new client of torchrun's key-value store (MASTER_ADDR:MASTER_PORT), for waits that must not sit in
+        a collective (prepare_data); one per thread, as a client is not shared between threads."""
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=30))
 
 
 def launch_rank() -> int:
@@ -1263,6 +1372,7 @@ def run_training(argv=None) -> int:
         cfg = finish_config(resumed_config(cfg, given), world)
         check_run_folder(cfg)
         d = setup_distributed(cfg.device)
+        require_shared(d, cfg.out, "--out")
         trainer = Trainer(cfg, d)
         trainer.start()
         code = run_until_signalled(trainer)
