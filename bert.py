@@ -56,13 +56,10 @@ class BertConfig:
                or kinds[k] is float and (type(v) not in (int, float) or not 0 <= v < 1)]  # NaN fails too
         if bad:
             raise ValueError(f"config has {', '.join(bad)}: sizes must be positive integers, rates in [0, 1)")
-        if self.n_layer > MAX_LAYERS or self.n_layer % self.group_size or self.d_model % self.n_head:
+        # At most a few thousand layers: the deepest Transformers trained have about 1,000 (DeepNet, 2022).
+        if self.n_layer > 4096 or self.n_layer % self.group_size or self.d_model % self.n_head:
             raise ValueError(f"config says {self.n_layer} layers in groups of {self.group_size}, {self.n_head} heads, "
-                             f"d_model {self.d_model}: want at most {MAX_LAYERS} layers, whole groups, heads dividing "
-                             f"d_model")
-
-
-MAX_LAYERS = 4096  # a few thousand: the deepest Transformers trained have about 1,000 (DeepNet, 2022)
+                             f"d_model {self.d_model}: want at most 4096 layers, whole groups, heads dividing d_model")
 
 # Sizes used by the papers and by the CPU experiments; the vocabulary comes from the tokenizer.
 PRESETS = {
@@ -376,7 +373,7 @@ def read_safetensors(path: str) -> dict:
     The file is checked as the safetensors package checks it, before anything is allocated for it: a header of
     at most 100 MB inside the file; a JSON object of tensors, each of a known dtype, a shape of non-negative
     integers and data_offsets [begin, end] holding dtype size x the shape's product bytes; the tensors' bytes in
-    order, one after another, inside the file. A file that fails is refused in one ValueError line naming it (and
+    order, one after another, filling the file. A file that fails is refused in one ValueError line naming it (and
     the tensor): nothing is read beyond what the file holds, whatever its header says."""
     with open(path, "rb") as f:
         size, n = os.fstat(f.fileno()).st_size, int.from_bytes(f.read(8), "little")
@@ -407,6 +404,8 @@ def read_safetensors(path: str) -> dict:
                              "or leave a gap" if begin != at else f"lie beyond the {len(data)} bytes of data"))
         flat = torch.frombuffer(data[begin:end], dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
         out[name], at = flat.reshape(shape).clone(), end
+    if at != len(data):  # the safetensors package refuses them too: a shifted header length leaves one, say
+        raise ValueError(f"{path}: {len(data) - at} bytes after the last tensor's: damaged or not a safetensors file")
     return out
 
 

@@ -670,6 +670,7 @@ def tiny_train_checkpoint(path) -> dict:
     ({"a": dict(F32_2, shape=[-2])}, None, "tensor 'a' is"),
     ({"a": dict(F32_2, shape=[True, 2])}, None, "tensor 'a' is"),
     ({"a": dict(F32_2, data_offsets=[0])}, None, "tensor 'a' is"),
+    ({"a": dict(F32_2, shape=[1], data_offsets=[0, 4])}, None, "4 bytes after the last tensor's"),  # header cut short
     ([1, 2], None, "the header is not a JSON object"),
 ])
 def test_safetensors_reader_refuses_damaged_files_before_allocating(tmp_path, header, length, says):

@@ -87,8 +87,9 @@ def damage_bytes(raw: bytes, rng: random.Random) -> tuple:
 
 
 def paths(tree, prefix=()) -> list:
-    """Every node below the root of a tree of dicts and lists, as key paths."""
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    """Every node below the root of a tree of dicts and lists, as key paths (in key order, so that a mutation does
+    not depend on the order in which a writer put the keys)."""
+    items = sorted(tree.items(), key=lambda kv: str(kv[0])) if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
     return [p for k, v in items for p in [prefix + (k,)] + paths(v, prefix + (k,))]
 
 
