@@ -117,10 +117,10 @@ RESUMABLE_CHANGES = {"out", "device", "dtype", "micro_batch", "compile", "compil
 INVOCATION_ONLY = {"out", "resume", "overwrite", "stop_after", "device"}
 
 
-def resumed_config(cfg: TrainConfig, given: set) -> TrainConfig:
+def resumed_config(cfg: TrainConfig, given: set, restarted: bool = False) -> TrainConfig:
     """The rule's first half: under --resume (or a torchrun restart) every flag not `given` and not
     INVOCATION_ONLY comes from <out>/checkpoint.pt, if there is one."""
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # a worker torchrun restarted
+    if restarted:
         cfg = dataclasses.replace(cfg, resume=True, overwrite=False)
     path = os.path.join(run_dir(cfg), "checkpoint.pt")
     if not (cfg.resume and os.path.exists(path)):
@@ -128,6 +128,14 @@ def resumed_config(cfg: TrainConfig, given: set) -> TrainConfig:
     saved = load_checkpoint(path, mmap=True, advice=ways_on(os.path.dirname(path)))["train_config"]
     keep = given | INVOCATION_ONLY
     return TrainConfig(**{k: v if k in keep or k not in saved else saved[k] for k, v in asdict(cfg).items()})
+
+
+def restarted_by_torchrun(d: Dist) -> bool:
+    """Whether torchrun restarted the workers after a failure (--max-restarts): TORCHELASTIC_RESTART_COUNT > 0 on
+    any rank. torchrun counts on the node whose worker failed; it restarts the other nodes' workers with the count
+    unchanged."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return max(gather(d, restarts) if d.world > 1 else [restarts]) > 0
 
 
 def check_resumable(ckpt: dict, cfg: TrainConfig, path: str):
@@ -778,8 +786,8 @@ HEARTBEAT_S, HEARTBEAT_STALE_S = 2.0, 30.0  # a builder's beat, and how long a s
 def build_with_heartbeat(d: Dist, key: str, build):
     """build() while a thread adds 1 to <key>/beat in the store every HEARTBEAT_S seconds; then the outcome
     goes to <key>: "" for done, else the error every rank ends with (raised here too)."""
-    stop, store = threading.Event(), d.store()
-    threading.Thread(target=beat, args=(d.store(), key + "/beat", stop), daemon=True).start()
+    stop, store = threading.Event(), job_store()
+    threading.Thread(target=beat, args=(job_store(), key + "/beat", stop), daemon=True).start()
     try:
         prepared = build()
     except BaseException as e:
@@ -802,8 +810,11 @@ def beat(store, key: str, stop: threading.Event):
 def wait_for_builders(d: Dist, prefix: str, builders: dict):
     """Wait until every builder (rank -> node) has posted its outcome at <prefix>/<rank>, and raise the first
     error posted. A builder whose beat has not moved for HEARTBEAT_STALE_S, or a store that cannot be reached
-    (node 0's launcher holds it), ends this rank in one line (lost_rank)."""
-    store, last = d.store(), {r: (-1, time.monotonic()) for r in builders}
+    (node 0's launcher holds it), ends this rank in one line (lost_rank); so does SIGTERM, by which torchrun ends a
+    job when it loses a node, often before this rank has seen why."""
+    store, last = job_store(), {r: (-1, time.monotonic()) for r in builders}
+    stopped = signal.signal(signal.SIGTERM, lambda *_: lost_rank(
+        d, "torchrun stopped this rank (SIGTERM) while it waited for the token cache: a node was lost, or the job ended"))
     try:
         while pending := [r for r in builders if not store.check([f"{prefix}/{r}"])]:
             for r in pending:
@@ -818,6 +829,8 @@ def wait_for_builders(d: Dist, prefix: str, builders: dict):
     except dist.DistError as e:
         lost_rank(d, f"torchrun's store at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} is gone while "
                      f"the token cache was built ({type(e).__name__}): node 0's launcher stopped")
+    finally:
+        signal.signal(signal.SIGTERM, stopped)
     if any(errors):
         raise data.DataError(next(e for e in errors if e))
 
@@ -1012,11 +1025,12 @@ class Dist:
     def master(self) -> bool:
         return self.rank == 0
 
-    def store(self) -> dist.Store:
-        """A new client of torchrun's key-value store (MASTER_ADDR:MASTER_PORT), for waits that must not sit in
-        a collective (prepare_data); one per thread, as a client is not shared between threads."""
-        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                             timeout=timedelta(seconds=30))
+
+def job_store() -> dist.Store:
+    """A new client of torchrun's key-value store (MASTER_ADDR:MASTER_PORT), for waits outside collectives
+    (prepare_data). One per thread: a client is not shared between threads."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=30))
 
 
 def launch_rank() -> int:
@@ -1035,6 +1049,11 @@ def setup_distributed(device: str) -> Dist:
         d.host_group = dist.new_group(backend="gloo")  # averaging a host number never waits for the GPU's queue
     else:
         dist.init_process_group("gloo")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ["GROUP_WORLD_SIZE"]) > 1 \
+            and int(os.environ["TORCHELASTIC_MAX_RESTARTS"]) > 0:  # torch 2.13's default: one store for every round
+        print0(d, "note: for --max-restarts across nodes, start each torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+                  " in its environment: else the restarted workers find the failed round's addresses in the store "
+                  "that torchrun keeps, and cannot connect")
     return d
 
 
@@ -1280,9 +1299,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def device_of(cfg: TrainConfig) -> str:
+    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def finish_config(cfg: TrainConfig, world: int) -> TrainConfig:
     """Fill defaults that depend on the machine, and check flags together; fail fast naming them."""
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_of(cfg)
     cfg = dataclasses.replace(cfg, device=device, dtype=cfg.dtype or default_dtype(device), out=run_dir(cfg))
     errors = flag_errors(cfg)
     if device == "cuda" and not torch.cuda.is_available():
@@ -1369,10 +1392,10 @@ def run_training(argv=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     lock = locked_folder(run_dir(cfg)) if launch_rank() == 0 else contextlib.nullcontext()
     with lock:  # before anything is read there
-        cfg = finish_config(resumed_config(cfg, given), world)
+        d = setup_distributed(device_of(cfg))
+        require_shared(d, run_dir(cfg), "--out")  # before any rank reads a checkpoint there
+        cfg = finish_config(resumed_config(cfg, given, restarted_by_torchrun(d)), world)
         check_run_folder(cfg)
-        d = setup_distributed(cfg.device)
-        require_shared(d, cfg.out, "--out")
         trainer = Trainer(cfg, d)
         trainer.start()
         code = run_until_signalled(trainer)
