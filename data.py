@@ -198,15 +198,22 @@ def count_pretokens(texts: Iterable[str], tok: "Tokenizer") -> Counter:
 class Tokenizer:
     """Byte-level BPE: ids 0-4 are the specials, 5-260 the 256 byte values, then one id per learned merge.
     Bytes as the base alphabet make every string encodable: no [UNK] (its id only keeps the layout fixed),
-    and decode gives the normalised text back (U+FFFD for invalid byte sequences from a model)."""
+    and decode gives the normalised text back (U+FFFD for invalid byte sequences from a model).
 
-    # v2: letters, marks and numbers by Unicode category (PRETOKEN), capital sigma lower-cased alike everywhere
-    FORMAT, VERSION = "bert-byte-bpe", 2
+    One convention for every text: `encode` (through `normalize`) puts a space before it, as RoBERTa's
+    add_prefix_space does, so a word takes the same tokens at a text's start as inside it. A sentence of
+    pre-training, a GLUE field, a SQuAD question or context, and the exported tokenizer.json then all agree:
+    a text gives the same tokens encoded whole or sentence by sentence. Tokenizers saved before (format v2)
+    had no such space; they load with prefix_space=False and keep encoding as their models were trained."""
+
+    # v2: letters, marks and numbers by Unicode category (PRETOKEN), capital sigma lower-cased alike everywhere;
+    # v3: "prefix_space" says whether a space goes before every text (v2 read as False)
+    FORMAT, VERSION = "bert-byte-bpe", 3
     pad_id, unk_id, cls_id, sep_id, mask_id = PAD, UNK, CLS, SEP, MASK
 
-    def __init__(self, merges: Sequence, lowercase: bool = True, pretoken: str = PRETOKEN.pattern):
+    def __init__(self, merges: Sequence, lowercase: bool = True, pretoken: str = PRETOKEN.pattern, prefix_space=True):
         self.merges = [tuple(m) for m in merges]
-        self.lowercase = lowercase
+        self.lowercase, self.prefix_space = lowercase, prefix_space
         self.pretoken = re.compile(pretoken)  # a saved tokenizer keeps its own classes under another Unicode version
         self.ascii_pretoken = ASCII_PRETOKEN if pretoken == PRETOKEN.pattern else self.pretoken
         self.ranks = {pair: N_BASE + i for i, pair in enumerate(self.merges)}  # pair -> merged id (= rank)
@@ -234,10 +241,12 @@ class Tokenizer:
         return cls(learn_merges(words, vocab_size - N_BASE, progress), lowercase)
 
     def normalize(self, text: str) -> str:
-        """What encode sees: lower-cased (optional), whitespace runs -> one space, no outer spaces.
-        normalize("  Hello\\r\\n  World ") == "hello world". Capital sigma becomes "σ" even at a word's end,
-        where str.lower alone writes "ς": character by character, as the tokenizers library lower-cases."""
+        """What encode sees: lower-cased (optional), whitespace runs -> one space, no outer spaces, then with
+        prefix_space one space before any non-empty text: normalize("  Hello\\r\\n  World ") == " hello world"
+        (v2 tokenizers: "hello world"). Capital sigma becomes "σ" even at a word's end, where str.lower alone
+        writes "ς": character by character, as the tokenizers library lower-cases."""
         text = " ".join(text.split())  # the same whitespace as re's \s
+        text = " " + text if text and self.prefix_space else text
         if SURROGATE.search(text):
             text = SURROGATE.sub("\ufffd", text)
         return text.replace("Σ", "σ").lower() if self.lowercase else text
@@ -284,22 +293,24 @@ class Tokenizer:
     def to_dict(self) -> dict:
         """Plain JSON-able state (str/int/bool/list), safe inside a weights_only torch checkpoint."""
         return {"format": self.FORMAT, "version": self.VERSION, "lowercase": self.lowercase,
-                "pretoken_pattern": self.pretoken.pattern, "specials": SPECIALS,
+                "prefix_space": self.prefix_space, "pretoken_pattern": self.pretoken.pattern, "specials": SPECIALS,
                 "merges": [list(m) for m in self.merges]}
 
     @classmethod
     def from_dict(cls, d: dict, vocab_size: Optional[int] = None) -> "Tokenizer":
-        """The tokenizer of to_dict's state (a checkpoint's), checked (see checked), of `vocab_size` tokens if given."""
+        """A tokenizer from to_dict's state (a checkpoint's), of this version or v2 (saved before prefix_space: no
+        space), checked (see checked), of `vocab_size` tokens if given."""
         d = d if isinstance(d, dict) else {"format": type(d).__name__}
-        if d.get("format") != cls.FORMAT or d.get("version") != cls.VERSION:
-            raise DataError(f"not a {cls.FORMAT} v{cls.VERSION} tokenizer: format={d.get('format')!r}, "
+        if d.get("format") != cls.FORMAT or d.get("version") not in (2, cls.VERSION):
+            raise DataError(f"not a {cls.FORMAT} v2 or v{cls.VERSION} tokenizer: format={d.get('format')!r}, "
                             f"version={d.get('version')!r}; one of another data.py version must be trained again")
         if d.get("specials") != SPECIALS:
             raise DataError("tokenizer was saved with other special tokens; retrain it")
-        return cls.checked(d.get("merges"), d.get("lowercase"), d.get("pretoken_pattern"), vocab_size)
+        return cls.checked(d.get("merges"), d.get("lowercase"), d.get("pretoken_pattern"), d.get("prefix_space", False),
+                           vocab_size)
 
     @classmethod
-    def checked(cls, merges, lowercase, pretoken, vocab_size: Optional[int] = None) -> "Tokenizer":
+    def checked(cls, merges, lowercase, pretoken, prefix_space, vocab_size: Optional[int] = None) -> "Tokenizer":
         """A tokenizer of parts read from a file (to_dict's state, or a tokenizer.json), each checked before it is
         used, so that a damaged or foreign file is refused in one DataError line: each merge joins two pieces made
         before it (ids from 5, the first byte, up to 260 + its rank); the pre-token pattern is a string that compiles;
@@ -314,7 +325,7 @@ class Tokenizer:
                                 f"before it ({len(SPECIALS)} to {N_BASE + bad - 1})")
             if vocab_size is not None and N_BASE + len(merges) != vocab_size:
                 raise DataError(f"tokenizer has {N_BASE + len(merges)} tokens, the model's vocabulary {vocab_size}")
-            return cls(merges, bool(lowercase), pretoken)
+            return cls(merges, bool(lowercase), pretoken, bool(prefix_space))
         except (TypeError, re.error) as e:  # merges not a list, a pattern not a string or not one
             raise DataError(f"tokenizer's merges or pretoken_pattern are not a tokenizer's: {e}") from None
 
@@ -342,7 +353,8 @@ class Tokenizer:
 
     def to_hf(self) -> dict:
         """This tokenizer as a tokenizer.json that encodes every text to the same ids: whitespace collapsed and
-        stripped, lower-cased with sigma first, split by the same pattern, bytes mapped to BYTE_CHARS, BPE
+        stripped, lower-cased with sigma first, a space put before it (Prepend, with prefix_space; each text of
+        a pair gets its own, as glue.py's fields do), split by the same pattern, bytes mapped to BYTE_CHARS, BPE
         with the merges in rank order. [CLS] A [SEP] B [SEP] gives segment ids 0 then 1. "[MASK]" in a text is
         found after normalizing and takes the space before it, as RoBERTa's <mask> does: "went to the [MASK] and"
         reads as the sentence with one word masked, " and" keeping its space (normalizing each piece around an
@@ -353,14 +365,15 @@ class Tokenizer:
                 raise DataError(f"tokens {vocab[token]} and {i} are the same bytes {token!r}; tokenizer.json "
                                 f"cannot tell them apart")
         lower = [{"type": "Replace", "pattern": {"String": "Σ"}, "content": "σ"}, {"type": "Lowercase"}]
+        prefix = [{"type": "Prepend", "prepend": " "}] if self.prefix_space else []  # before a non-empty text only
+        normalizers = [{"type": "Replace", "pattern": {"Regex": f"[{SPACE}]+"}, "content": " "},
+                       {"type": "Strip", "strip_left": True, "strip_right": True}] + (lower if self.lowercase else [])
         special = lambda name, segment: {"SpecialToken": {"id": name, "type_id": segment}}
         text = lambda name, segment: {"Sequence": {"id": name, "type_id": segment}}
         return {"version": "1.0", "truncation": None, "padding": None,
             "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": s == "[MASK]", "rstrip": False,
                               "normalized": s == "[MASK]", "special": True} for i, s in enumerate(SPECIALS)],
-            "normalizer": {"type": "Sequence", "normalizers": [
-                {"type": "Replace", "pattern": {"Regex": f"[{SPACE}]+"}, "content": " "},
-                {"type": "Strip", "strip_left": True, "strip_right": True}] + (lower if self.lowercase else [])},
+            "normalizer": {"type": "Sequence", "normalizers": normalizers + prefix},
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": self.pretoken.pattern}, "behavior": "Isolated", "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
@@ -380,9 +393,9 @@ class Tokenizer:
         try:
             vocab = d["model"]["vocab"]
             merges = [m.split(" ") if isinstance(m, str) else m for m in d["model"]["merges"]]
-            split = next(p for p in d["pre_tokenizer"]["pretokenizers"] if p["type"] == "Split")
-            lowercase = any(n["type"] == "Lowercase" for n in d["normalizer"]["normalizers"])
-            parts = [(vocab[a], vocab[b]) for a, b in merges], lowercase, split["pattern"]["Regex"]
+            pattern = next(p["pattern"]["Regex"] for p in d["pre_tokenizer"]["pretokenizers"] if p["type"] == "Split")
+            kinds = [n["type"] for n in d["normalizer"]["normalizers"]]
+            parts = [(vocab[a], vocab[b]) for a, b in merges], "Lowercase" in kinds, pattern, "Prepend" in kinds
         except (KeyError, TypeError, ValueError, StopIteration) as e:
             raise DataError(f"not a tokenizer.json written by data.Tokenizer.save_hf ({type(e).__name__}: {e})") \
                 from None
@@ -730,7 +743,7 @@ class Prepared:
     fingerprint: str  # a hash of the tokenizer and of every array's bytes: equal where the data are the same
 
 
-CACHE_FORMAT, CACHE_VERSION = "bert-token-cache", 3  # 3: header.json holds each array's hash
+CACHE_FORMAT, CACHE_VERSION = "bert-token-cache", 4  # 3: header.json holds each array's hash; 4: tokenizer v3
 SPLIT_ARRAYS = ("tokens", "sent_starts", "doc_starts")  # the fields of Split, one .npy file each per split
 
 
@@ -752,8 +765,9 @@ def _fingerprint(cfg: DataConfig) -> dict:
 
 
 def tokenize_documents(docs: list, tok: Tokenizer) -> Split:
-    """Encode every sentence into a Split's flat arrays. Sentences are encoded one by one, so a sentence's
-    first word has its no-space form ("the", not " the"), as a GLUE sentence's does."""
+    """Encode every sentence into a Split's flat arrays. Sentences are encoded one by one, each with the space
+    a v3 tokenizer puts before a text, so a sentence's first word has the spaced form (" the") it has inside a
+    GLUE field or SQuAD context: a text gives the same tokens sentence by sentence as whole."""
     tokens = array("H" if tok.vocab_size <= 1 << 16 else "i")
     sent_starts, doc_starts = [0], [0]
     for doc in docs:

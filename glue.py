@@ -4,10 +4,10 @@ Both papers judge a pre-trained BERT by fine-tuning it on GLUE (Gong et al. 2019
 Table 2; MSLT, section 4.2 and Tables 1-5). This module follows their protocol: BERT's search space
 (batch 32, lr in {5e-5, 4e-5, 3e-5, 2e-5}, 3 epochs, 10 for STS-B and RTE as in MSLT), several seeds per
 setting, the learning rate selected by its mean dev score over seeds, and mean +- 95% confidence interval
-(t-distribution) over seeds as in Gong et al.'s Figure 6. The model is BERT with dropout and one linear
-layer on the pooled [CLS] (cross-entropy, or MSE for STS-B); AdamW, weight decay 0.01 except biases and
-LayerNorms, 10% linear warm-up then linear decay. Test-set predictions of the selected setting are
-written in the GLUE server's submission format.
+(t-distribution) over seeds as in Gong et al.'s Figure 6, beside the median, which MSLT reports (of five
+runs). The model is BERT with dropout and one linear layer on the pooled [CLS] (cross-entropy, or MSE for
+STS-B); AdamW, weight decay 0.01 except biases and LayerNorms, 10% linear warm-up then linear decay.
+Test-set predictions of the selected setting are written in the GLUE server's submission format.
 
     python glue.py --checkpoint runs/x/checkpoint.pt --task RTE --out runs/x/glue
     python glue.py --checkpoint runs/x/checkpoint.pt --task RTE --random-init --out runs/x/glue-random
@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import numpy as np
@@ -366,19 +366,21 @@ class Backbone:
 def backbone_parts(path: str, ckpt) -> tuple:
     """(model, tokenizer) of a loaded train.py checkpoint, checked to fit one another before the model is built."""
     if not isinstance(ckpt, dict):
-        raise GlueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint; glue.py needs a checkpoint "
+        raise GlueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint; fine-tuning needs a checkpoint "
                         f"written by train.py, or a HuggingFace folder with --tokenizer")
     missing = [k for k in ("model", "config", "tokenizer") if k not in ckpt]
     if missing:
-        raise GlueError(f"{path} lacks {', '.join(missing)} (has {', '.join(sorted(map(str, ckpt)))}); glue.py "
+        raise GlueError(f"{path} lacks {', '.join(missing)} (has {', '.join(sorted(map(str, ckpt)))}); fine-tuning "
                         f"needs a checkpoint written by train.py, or a HuggingFace folder with --tokenizer")
     return model_from_checkpoint(ckpt, path)  # train.py's loading, checks included
 
 
-def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional[str] = None) -> Backbone:
+def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional[str] = None,
+                  max_seq_len: int = 0) -> Backbone:
     """A train.py checkpoint (dict with model, config, tokenizer) or a HuggingFace folder with our tokenizer:
     one written by `train.py --export-hf` (either layout; a pre-LN one has no pooler, so GLUE's pooled [CLS]
-    starts from a fresh one) or a BERT folder and --tokenizer."""
+    starts from a fresh one) or a BERT folder and --tokenizer. An error if it has no position for token
+    `max_seq_len` (glue.py and squad.py's --max-seq-len)."""
     if os.path.isdir(path):
         tokenizer_path = tokenizer_path or os.path.join(path, "tokenizer.json")
         if not os.path.exists(tokenizer_path):
@@ -399,6 +401,8 @@ def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional
             raise GlueError(f"{unreadable(path, e)}; if it was copied, e.g. by an interrupted copy, copy it again, "
                             f"or give another checkpoint")
         model, tok = backbone_parts(path, ckpt)
+    if max_seq_len > model.config.max_position:
+        raise GlueError(f"--max-seq-len {max_seq_len} exceeds the model's max_position {model.config.max_position}")
     name = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
     return Backbone(model.config, None if random_init else model.state_dict(), tok,
                     name + (" (random init)" if random_init else ""), os.path.abspath(path))
@@ -428,28 +432,33 @@ class FinetuneConfig:
     def __post_init__(self):
         self.dtype = self.dtype or default_dtype(self.device)  # bf16 on a GPU with native bf16, as train.py
 
-    def settings(self, task: Task, backbone: Backbone) -> dict:
-        """What a finished run's result depends on, besides lr and seed: resuming requires it to match."""
-        keep = ("batch_size", "max_seq_len", "warmup", "weight_decay", "clip", "max_steps",
-                "max_train_examples", "predict_test", "dtype")
-        return dict({k: getattr(self, k) for k in keep}, epochs=self.epochs or task.epochs,
+    def settings(self, backbone: Backbone, epochs: int) -> dict:
+        """What a finished run's result depends on, besides lr and seed: resuming requires it to match. Every
+        field but these four, so that those squad.py's SquadConfig adds count too."""
+        skip = ("lrs", "seeds", "log_every", "device")
+        return dict({k: v for k, v in asdict(self).items() if k not in skip}, epochs=epochs,
                     checkpoint=backbone.source, random_init=backbone.state is None)
 
 
 @torch.no_grad()
-def predict(model: GlueModel, enc: Encoded, dtype: str = "float32", batch_size: int = 128) -> np.ndarray:
-    """Class ids (argmax) or scores (regression) for every example, in file order. Batches are taken in
-    order of length, so each is padded little; the predictions are put back in file order at the end."""
+def batched_logits(model: nn.Module, enc: Encoded, dtype: str = "float32", batch_size: int = 128):
+    """Yields (example numbers, their float logits) for every example, a batch at a time, in evaluation mode.
+    Batches are taken in order of length, so each is padded little."""
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(enc.ids)), key=lambda i: len(enc.ids[i]))
-    out = []
     for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
         with autocast(device, dtype):
-            logits = model(*collate(enc, order[start:start + batch_size], model.pad_id, device)).float()
-        out.append(logits[:, 0] if logits.size(1) == 1 else logits.argmax(-1))
-    pred = np.empty(len(order), dtype=np.float64)
-    pred[order] = torch.cat(out).double().cpu().numpy()
+            logits = model(*collate(enc, rows, model.pad_id, device)).float()
+        yield rows, logits
+
+
+def predict(model: GlueModel, enc: Encoded, dtype: str = "float32") -> np.ndarray:
+    """Class ids (argmax) or scores (regression) for every example, in file order."""
+    pred = np.empty(len(enc.ids), dtype=np.float64)
+    for rows, logits in batched_logits(model, enc, dtype):
+        pred[rows] = (logits[:, 0] if logits.size(1) == 1 else logits.argmax(-1)).double().cpu().numpy()
     return pred
 
 
@@ -470,24 +479,30 @@ def prediction_strings(task: Task, pred: np.ndarray) -> list:
     return [task.labels[int(i)] for i in pred]
 
 
-def fit(model: GlueModel, task: Task, enc: Encoded, lr: float, seed: int, cfg: FinetuneConfig, ranks: Dist) -> float:
-    """AdamW with warm-up and linear decay over the epochs (or --max-steps); returns the last logged loss."""
-    device = next(model.parameters()).device
+def fit(model: nn.Module, enc: Encoded, lr: float, seed: int, cfg: FinetuneConfig, ranks: Dist, epochs: int,
+        tag: str) -> float:
+    """AdamW with warm-up and linear decay over the epochs (or --max-steps); returns the last logged loss. Float
+    labels (N,) are regressed (MSE on logits[:, 0]); class ids are cross-entropy targets: (N,) for logits (B, C),
+    or (N, 2) for squad.py's (B, T, 2) start and end logits, the mean of the start and end losses. The model
+    moves to cfg.device (this rank's GPU under torchrun)."""
+    device = torch.device(f"cuda:{ranks.local_rank}" if cfg.device == "cuda" else cfg.device)
+    use_tf32(cfg.device)
+    model.to(device)
     wrapped = DDP(model, device_ids=[ranks.local_rank] if device.type == "cuda" else None) if ranks.world > 1 else model
     optimizer = adamw(param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6)
     per_epoch = sum(1 for _ in epoch_batches(len(enc.ids), cfg.batch_size, seed, 0, ranks))
-    total = (cfg.epochs or task.epochs) * per_epoch
+    total = epochs * per_epoch
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     n_warm = max(1, int(cfg.warmup * total))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_then_decay(s, n_warm, total))
-    step, t0, window, tag = 0, time.time(), [], f"{task.name} lr {lr:g} seed {seed}"
+    step, t0, window = 0, time.time(), []
     wrapped.train()
     while step < total:
         for rows in epoch_batches(len(enc.ids), cfg.batch_size, seed, step // per_epoch, ranks):
             with autocast(device, cfg.dtype):
                 logits = wrapped(*collate(enc, rows, model.pad_id, device)).float()
             y = enc.labels[rows].to(device)
-            loss = F.mse_loss(logits[:, 0], y) if task.labels is None else F.cross_entropy(logits, y)
+            loss = F.mse_loss(logits[:, 0], y) if y.is_floating_point() else F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
@@ -510,16 +525,15 @@ def finetune(task: Task, backbone: Backbone, encoded: dict, lr: float, seed: int
              ranks: Dist) -> dict:
     """One (lr, seed) run from the backbone; returns its record: dev metrics, score, test predictions."""
     t0 = time.time()
-    device = torch.device(f"cuda:{ranks.local_rank}" if cfg.device == "cuda" else cfg.device)
-    use_tf32(cfg.device)
     n_out = 1 if task.labels is None else len(task.labels)
-    model = GlueModel(backbone.build(seed), n_out, backbone.tokenizer.pad_id).to(device)
-    train_loss = fit(model, task, encoded["train"], lr, seed, cfg, ranks)
+    model = GlueModel(backbone.build(seed), n_out, backbone.tokenizer.pad_id)
+    train_loss = fit(model, encoded["train"], lr, seed, cfg, ranks, cfg.epochs or task.epochs,
+                     f"{task.name} lr {lr:g} seed {seed}")
     dev = dev_metrics(task, model, encoded["dev"], cfg.dtype)
     test = {stem: {"index": enc.index, "prediction": prediction_strings(task, predict(model, enc, cfg.dtype))}
             for stem, enc in encoded["test"].items()} if cfg.predict_test else {}
-    return {"task": task.name, "lr": lr, "seed": seed, "label": backbone.label,
-            "settings": cfg.settings(task, backbone), "dev": dev, "score": task_score(dev), "train_loss": train_loss,
+    return {"task": task.name, "lr": lr, "seed": seed, "label": backbone.label, "dev": dev, "score": task_score(dev),
+            "settings": cfg.settings(backbone, cfg.epochs or task.epochs), "train_loss": train_loss,
             "train_examples": len(encoded["train"].ids), "seconds": round(time.time() - t0, 1), "test": test}
 
 
@@ -581,31 +595,40 @@ def encode_task(task: Task, backbone: Backbone, glue_dir: str, cfg: FinetuneConf
             "test": {k: enc(v) for k, v in raw.test.items()}}
 
 
-def run_task(task: Task, backbone: Backbone, glue_dir: str, out: str, cfg: FinetuneConfig, ranks: Dist,
-             skip_bad_rows: bool = False):
-    """The (lr, seed) runs of a task not yet in <out>, then the selected lr and the submission files.
-    Runs made with other settings in the same folder are an error: a resumed grid must not mix them."""
-    settings, done = cfg.settings(task, backbone), load_runs(out).get(task.name, [])
+def run_grid(name: str, settings: dict, out: str, cfg: FinetuneConfig, ranks: Dist, prepare, run_one):
+    """The (lr, seed) runs of `name` (a GLUE task, a SQuAD version) not yet in <out>/runs: `prepare()` once if
+    any is left (reading and tokenizing the data), then `run_one(prepared, lr, seed)` -> the run's record, saved
+    as <out>/runs/<name>_lr<lr>_seed<seed>.json. Runs made with other settings in the same folder are an error:
+    a resumed grid must not mix them."""
+    done = load_runs(out).get(name, [])
     for r in done:
         if r["settings"] != settings:
             diffs = [f"{k}: saved {r['settings'].get(k)!r}, now {v!r}" for k, v in settings.items()
                      if r["settings"].get(k) != v]
-            raise GlueError(f"{out} holds {task.name} runs made with other settings ({'; '.join(diffs)}); "
+            raise GlueError(f"{out} holds {name} runs made with other settings ({'; '.join(diffs)}); "
                             f"use another --out")
     finished = {(r["lr"], r["seed"]) for r in done}
     todo = [(lr, seed) for lr in cfg.lrs for seed in cfg.seeds if (lr, seed) not in finished]
     n_done = len(cfg.lrs) * len(cfg.seeds) - len(todo)
-    print0(ranks, f"{task.name}: {n_done} runs already finished in {out}, {len(todo)} to do")
-    encoded = encode_task(task, backbone, glue_dir, cfg, skip_bad_rows, ranks) if todo else None
+    print0(ranks, f"{name}: {n_done} runs already finished in {out}, {len(todo)} to do")
+    prepared = prepare() if todo else None
     t0 = time.time()
     for i, (lr, seed) in enumerate(todo, 1):
-        result = finetune(task, backbone, encoded, lr, seed, cfg, ranks)
+        result = run_one(prepared, lr, seed)
         dev = ", ".join(f"{k} {v:.4f}" for k, v in result["dev"].items())
         eta = fmt_time((time.time() - t0) / i * (len(todo) - i))  # a task's runs cost about the same
-        print0(ranks, f"{task.name} lr {lr:g} seed {seed}: dev {dev} | run {n_done + i} of {n_done + len(todo)}, "
-                      f"{task.name} done in {eta}")
+        print0(ranks, f"{name} lr {lr:g} seed {seed}: dev {dev} | run {n_done + i} of {n_done + len(todo)}, "
+                      f"{name} done in {eta}")
         if ranks.master:
-            atomic_write(os.path.join(out, "runs", f"{task.name}_lr{lr:g}_seed{seed}.json"), json.dumps(result))
+            atomic_write(os.path.join(out, "runs", f"{name}_lr{lr:g}_seed{seed}.json"), json.dumps(result))
+
+
+def run_task(task: Task, backbone: Backbone, glue_dir: str, out: str, cfg: FinetuneConfig, ranks: Dist,
+             skip_bad_rows: bool = False):
+    """The (lr, seed) runs of a task not yet in <out>, then the selected lr and the submission files."""
+    run_grid(task.name, cfg.settings(backbone, cfg.epochs or task.epochs), out, cfg, ranks,
+             lambda: encode_task(task, backbone, glue_dir, cfg, skip_bad_rows, ranks),
+             lambda encoded, lr, seed: finetune(task, backbone, encoded, lr, seed, cfg, ranks))
     if ranks.master:
         best_lr, best = select(load_runs(out)[task.name])
         score = fmt_cell([r["score"] for r in best])
@@ -615,9 +638,10 @@ def run_task(task: Task, backbone: Backbone, glue_dir: str, out: str, cfg: Finet
 
 
 def fmt_cell(values) -> str:
-    """Percent, mean ± 95% CI half-width ("71.2 ± 1.3"), the mean alone for one value."""
-    mean, ci = mean_ci(values)
-    return f"{100 * mean:.1f}" + ("" if math.isnan(ci) else f" ± {100 * ci:.1f}")
+    """Percent: mean ± 95% CI half-width, then the median ("71.2 ± 1.3 (median 71.5)"); one value alone.
+    Gong et al. give the mean and its interval (Figure 6); MSLT, like RoBERTa, the median of five runs."""
+    mean, ci, median = *mean_ci(values), 100 * np.median(values)
+    return f"{100 * mean:.1f}" + ("" if math.isnan(ci) else f" ± {100 * ci:.1f} (median {median:.1f})")
 
 
 def results_table(dirs: list) -> str:
@@ -652,10 +676,7 @@ def parse_args(argv=None) -> tuple:
     """(arguments, the task names, FinetuneConfig); argparse's one-line error and exit 2 on a bad flag."""
     defaults = FinetuneConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", nargs="+", default=[], help="train.py checkpoint(s) or HuggingFace BERT folder(s)")
-    g.add_argument("--tokenizer", help="tokenizer JSON (data.Tokenizer.save) for a HuggingFace folder")
-    g.add_argument("--random-init", action="store_true", help="same config and tokenizer, fresh BERT weights")
+    add_model_flags(p, nargs="+", default=[], help="train.py checkpoint(s) or HuggingFace BERT folder(s)")
     g = p.add_argument_group("data")
     g.add_argument("--task", nargs="+", default=["RTE"], help=f"tasks among {', '.join(TASKS)}, or 'all' present")
     g.add_argument("--glue-dir", default=DEFAULT_GLUE_DIR, help="folder with one sub-folder per task")
@@ -663,23 +684,13 @@ def parse_args(argv=None) -> tuple:
                    help="tokens per example, specials included")
     g.add_argument("--max-train-examples", type=int, help="fine-tune on a fixed random subset of this size")
     g.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of failing")
-    g = p.add_argument_group("fine-tuning")
-    g.add_argument("--lrs", type=float, nargs="+", default=list(defaults.lrs), help="learning-rate grid")
-    g.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds), help="seeds per learning rate")
+    g = add_finetune_flags(p, defaults)
     g.add_argument("--epochs", type=int, help="epochs (default: 10 for STS-B and RTE, 3 otherwise)")
-    g.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch size")
-    g.add_argument("--max-steps", type=int, help="cap on optimizer steps per run")
-    g.add_argument("--warmup", type=float, default=defaults.warmup, help="fraction of steps of linear warm-up")
-    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW decay on matrices")
-    g.add_argument("--device", default=defaults.device, choices=["cpu", "cuda"], help="training device")
-    g.add_argument("--dtype", default="", choices=["", "float32", "bf16"], help="bf16: autocast (fast on "
-                   "GPUs and on CPUs with AVX-512 BF16 or AMX); default bf16 on GPUs with native bf16, else float32")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="results folder (default: <checkpoint folder>/glue-<name>[-random]); with "
                                  "several checkpoints, one sub-folder each, named after the run (runs/stack/"
                                  "checkpoint.pt -> stack, runs/stack/stage1_end.pt -> stack-stage1_end)")
     g.add_argument("--no-test", action="store_true", help="skip test-set predictions and submission files")
-    g.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between progress lines")
     g.add_argument("--table", nargs="+", metavar="RESULTS_DIR", help="print a markdown table of finished results")
     a = p.parse_args(argv)
     if not a.table and not a.checkpoint:
@@ -690,6 +701,36 @@ def parse_args(argv=None) -> tuple:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         p.error(f"unknown task(s) {', '.join(unknown)}; choose among {', '.join(TASKS)} or all")
+    return a, list(dict.fromkeys(tasks)), finetune_config(p, a, FinetuneConfig, predict_test=not a.no_test)
+
+
+def add_model_flags(p: argparse.ArgumentParser, **checkpoint):
+    """The model group of flags that glue.py and squad.py share; `checkpoint`: --checkpoint's nargs, default, help."""
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", **checkpoint)
+    g.add_argument("--tokenizer", help="tokenizer JSON (data.Tokenizer.save) for a HuggingFace folder")
+    g.add_argument("--random-init", action="store_true", help="same config and tokenizer, fresh BERT weights")
+
+
+def add_finetune_flags(p: argparse.ArgumentParser, defaults: FinetuneConfig):
+    """The fine-tuning group of flags that glue.py and squad.py share (each adds its --epochs); returns it."""
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--lrs", type=float, nargs="+", default=list(defaults.lrs), help="learning-rate grid")
+    g.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds), help="seeds per learning rate")
+    g.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch size")
+    g.add_argument("--max-steps", type=int, help="cap on optimizer steps per run")
+    g.add_argument("--warmup", type=float, default=defaults.warmup, help="fraction of steps of linear warm-up")
+    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW decay on matrices")
+    g.add_argument("--device", default=defaults.device, choices=["cpu", "cuda"], help="training device")
+    g.add_argument("--dtype", default="", choices=["", "float32", "bf16"], help="bf16: autocast (fast on "
+                   "GPUs and on CPUs with AVX-512 BF16 or AMX); default bf16 on GPUs with native bf16, else float32")
+    g.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between progress lines")
+    return g
+
+
+def finetune_config(p: argparse.ArgumentParser, a, cls, **more) -> FinetuneConfig:
+    """A FinetuneConfig (or squad.py's subclass, `cls`) of the parsed flags, after argparse's one-line error
+    for a value out of range."""
     if a.batch_size < 1 or a.max_seq_len < 3 or not 0 <= a.warmup < 1:
         p.error("need --batch-size >= 1, --max-seq-len >= 3 and 0 <= --warmup < 1")
     if not all(0 < lr < math.inf for lr in a.lrs) or not 0 <= a.weight_decay < math.inf:
@@ -698,11 +739,7 @@ def parse_args(argv=None) -> tuple:
         p.error("need --epochs, --max-steps, --max-train-examples and --log-every >= 1")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no GPU is visible")
-    cfg = FinetuneConfig(lrs=tuple(a.lrs), seeds=tuple(a.seeds), epochs=a.epochs, batch_size=a.batch_size,
-                         max_seq_len=a.max_seq_len, warmup=a.warmup, weight_decay=a.weight_decay, max_steps=a.max_steps,
-                         max_train_examples=a.max_train_examples, predict_test=not a.no_test, log_every=a.log_every,
-                         device=a.device, dtype=a.dtype)
-    return a, list(dict.fromkeys(tasks)), cfg
+    return cls(**{f.name: getattr(a, f.name) for f in fields(cls) if hasattr(a, f.name)}, **more)
 
 
 def checkpoint_label(path: str) -> str:
@@ -724,22 +761,16 @@ def out_dir(a, path: str) -> str:
 
 
 def main(argv=None) -> int:
-    """glue.py's command line; a mistake a user can make ends in one `error: ...` line (printed by rank 0
-    only under torchrun) and exit code 2."""
+    """glue.py's command line."""
     a, tasks, cfg = parse_args(argv)
+    return one_line_errors(lambda: table_or_finetune(a, tasks, cfg))
+
+
+def one_line_errors(command) -> int:
+    """command() -> its exit code, for glue.py and squad.py; a mistake a user can make ends in one `error: ...`
+    line (printed by rank 0 only under torchrun) and exit code 2, Ctrl-C in one line saying what is kept."""
     try:
-        if a.table:
-            print(results_table(a.table), end="")
-            return 0
-        outs = [out_dir(a, path) for path in a.checkpoint]
-        if len(set(outs)) < len(outs):
-            raise GlueError(f"--checkpoint: several checkpoints would share one results folder ({', '.join(outs)}); "
-                            f"fine-tune them one at a time, each with its own --out")
-        with contextlib.ExitStack() as locks:
-            if launch_rank() == 0:  # one process writes each results folder
-                for out in outs:
-                    locks.enter_context(locked_folder(out))
-            return finetune_all(a, tasks, cfg, outs)
+        return command()
     except (GlueError, DataError, OSError, SystemExit) as e:
         if isinstance(e, SystemExit) and not isinstance(e.code, str):
             raise
@@ -749,9 +780,25 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         if launch_rank() == 0:
-            print("interrupted: each finished (task, lr, seed) run is kept in <out>/runs; the same command goes on "
+            print("interrupted: each finished (lr, seed) run is kept in <out>/runs; the same command goes on "
                   "from there", file=sys.stderr)
         return 130
+
+
+def table_or_finetune(a, tasks: list, cfg: FinetuneConfig) -> int:
+    """--table, or every --checkpoint fine-tuned into its own results folder, locked while it is written."""
+    if a.table:
+        print(results_table(a.table), end="")
+        return 0
+    outs = [out_dir(a, path) for path in a.checkpoint]
+    if len(set(outs)) < len(outs):
+        raise GlueError(f"--checkpoint: several checkpoints would share one results folder ({', '.join(outs)}); "
+                        f"fine-tune them one at a time, each with its own --out")
+    with contextlib.ExitStack() as locks:
+        if launch_rank() == 0:  # one process writes each results folder
+            for out in outs:
+                locks.enter_context(locked_folder(out))
+        return finetune_all(a, tasks, cfg, outs)
 
 
 def finetune_all(a, tasks: list, cfg: FinetuneConfig, outs: list) -> int:
@@ -760,10 +807,7 @@ def finetune_all(a, tasks: list, cfg: FinetuneConfig, outs: list) -> int:
     for out in outs:
         require_shared(ranks, out, "--out")
     for path, out in zip(a.checkpoint, outs):
-        backbone = load_backbone(path, a.random_init, a.tokenizer)
-        if cfg.max_seq_len > backbone.config.max_position:
-            raise GlueError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position "
-                            f"{backbone.config.max_position}")
+        backbone = load_backbone(path, a.random_init, a.tokenizer, cfg.max_seq_len)
         print0(ranks, f"{backbone.label}: {bert.describe(backbone.build(0))} -> {out}")
         for name in tasks:
             run_task(TASKS[name], backbone, a.glue_dir, out, cfg, ranks, a.skip_bad_rows)

@@ -181,6 +181,8 @@ class Schedule:
     stages: list[Stage]  # in order; stage 0 is built from scratch
     group_size: int = 1  # consecutive layers sharing a block (1, or N/k for ALBERT-group MSLT)
     noise_std: float = 0.03  # std of the noise on the zero maps of "identity-noise" (paper: 0.03)
+    long_steps: int = 0  # the run's last steps, at a longer sequence (BERT, MSLT: the last 10% at 512); not a growth
+    long_cost: float = 1.0  # a step there costs this many of its stage's steps at the run's length (length_cost)
 
     def __post_init__(self):
         """Raise ValueError naming the stage if the schedule cannot be run, so a bad flag fails at start."""
@@ -192,6 +194,8 @@ class Schedule:
             problem = _stage_problem(s, self.stages[i - 1] if i else None, self.group_size)
             if problem:
                 raise ValueError(f"schedule {self.spec()!r}, stage {i} ({s.spec()}): {problem}")
+        if not 0 <= self.long_steps <= self.stages[-1].steps:
+            raise ValueError(f"its last {self.long_steps} steps, at a longer sequence, are not all in its last stage")
 
     @property
     def total_steps(self) -> int:
@@ -220,12 +224,16 @@ class Schedule:
         trainable = s.n_layer if s.trainable_top is None else s.trainable_top
         return 3 * (trainable + 1) + (s.n_layer - trainable)
 
-    def steps_left_at_cost_of(self, stage: int, step: int) -> float:
-        """The steps from `step` (0-based) to the end, each weighted by its stage's step_cost relative to `stage`'s:
-        the ETA is this times the time per step measured in `stage`. '3:10,12:10' from 0 at 0: 10 + 10 x 39 / 12."""
+    def steps_left_at_cost_of(self, stage: int, step: int, long: bool = False) -> float:
+        """The steps from `step` (0-based) to the end, each weighted by its stage's step_cost (times long_cost in the
+        long phase) relative to a step of `stage` (in the long phase if `long`): the ETA is this times the time per
+        step measured there. '3:10,12:10' from 0 at 0: 10 + 10 x 39 / 12; with long_steps 5 and long_cost 4.3,
+        the last 5 steps count 4.3 x 39 / 12 each."""
         starts = [0] + self.switch_steps
         left = [max(0, min(s.steps, start + s.steps - step)) for s, start in zip(self.stages, starts)]
-        return sum(n * self.step_cost(i) for i, n in enumerate(left)) / self.step_cost(stage)
+        long_left = min(self.long_steps, self.total_steps - step) * (self.long_cost - 1) * self.step_cost(-1)
+        cost = sum(n * self.step_cost(i) for i, n in enumerate(left)) + long_left
+        return cost / (self.step_cost(stage) * (self.long_cost if long else 1))
 
     def spec(self) -> str:
         """The stages in parse_schedule's syntax, e.g. '3:50,6:70:stack,12:280:stack'."""
@@ -236,7 +244,7 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schedule":
-        return cls(d["method"], [Stage(**s) for s in d["stages"]], d["group_size"], d["noise_std"])
+        return cls(**{**d, "stages": [Stage(**s) for s in d["stages"]]})  # older dicts: no long phase
 
     def __str__(self):
         """e.g. 'stack: 3L x 50 -> 6L x 70 (stack) -> 12L x 280 (stack)'."""
@@ -244,7 +252,18 @@ class Schedule:
             top = f", top {s.trainable_top}" if s.trainable_top is not None else ""
             return f"{s.n_layer}L x {s.steps}" + (f" ({s.grow}{top})" if s.grow != "init" else "")
         groups = f" (groups of {self.group_size})" if self.group_size > 1 else ""
-        return f"{self.method}{groups}: " + " -> ".join(one(s) for s in self.stages)
+        long = f"; the last {self.long_steps} longer, {self.long_cost:.1f}x the cost" if self.long_steps else ""
+        return f"{self.method}{groups}: " + " -> ".join(one(s) for s in self.stages) + long
+
+
+def length_cost(seq_len: int, long_seq_len: int, d_model: int) -> float:
+    """What a step of sequences of long_seq_len tokens costs relative to one of seq_len tokens, the same number of
+    sequences and the same model (Schedule.long_cost). The rule: per token, a layer's matrix products take 12 d^2
+    multiply-adds (q, k, v and output 4 d^2, feed-forward 8 d^2 at BERT's d_ff = 4 d) and attention 2 T d (scores
+    and their weighted sum over T tokens), so a sequence of T tokens costs T (1 + T / 6d), in proportion to
+    T (6d + T). BERT-Base (d = 768), 128 -> 512: 4 x 1.08 = 4.3x; the tiny preset (d = 64), 64 -> 128: 2.3x.
+    Embeddings and the MLM head (15% of the tokens) grow with the tokens alone, as the rule's first term."""
+    return long_seq_len * (6 * d_model + long_seq_len) / (seq_len * (6 * d_model + seq_len))
 
 
 def _stage_problem(s: Stage, prev: Optional[Stage], g: int) -> Optional[str]:

@@ -68,6 +68,8 @@ class TrainConfig:
     cache_dir: str = "runs/cache"  # tokenizer and tokenized arrays, reused across runs
     vocab_size: int = 2000  # BPE vocabulary when a tokenizer is trained
     seq_len: int = 64  # tokens per example
+    long_seq_len: int = 0  # tokens per example in the run's last --long-fraction of steps (0 = one length throughout)
+    long_fraction: float = 0.1  # that share of the steps (BERT, MSLT: the last 10% at 512)
     batch_size: int = 32  # global batch (examples per optimizer step, all ranks and micro-batches)
     micro_batch: int = 0  # examples per forward/backward on one rank; 0 = batch_size / world size
     data_seed: int = 0  # seed of corpus split, pairs and masks
@@ -140,7 +142,7 @@ def restarted_by_torchrun(d: Dist) -> bool:
 
 def check_resumable(ckpt: dict, cfg: TrainConfig, path: str):
     """The rule's second half, when the checkpoint is loaded: refuse other settings, naming each flag."""
-    saved = ckpt["train_config"]
+    saved = {**asdict(TrainConfig()), **ckpt["train_config"]}  # a flag newer than the checkpoint: its default
     diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {v!r}"
              for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if diffs:
@@ -169,6 +171,8 @@ class Trainer:
             self.print(f"note: --vocab-size {cfg.vocab_size} asked, but the corpus gives {tok.vocab_size} tokens (no "
                        f"pair of tokens repeats for more merges); the model's vocabulary is {tok.vocab_size}")
         self.train_batches = data.Batches(self.prepared.train, tok, cfg.seq_len, seed=cfg.data_seed)
+        self.long_batches = data.Batches(self.prepared.train, tok, cfg.long_seq_len or cfg.seq_len, seed=cfg.data_seed)
+        self.long_start = cfg.steps - self.schedule.long_steps  # the first step at --long-seq-len (steps: none)
         self.valid_batches = data.Batches(self.prepared.valid, tok, cfg.seq_len, seed=cfg.data_seed + 1)
         self.micro = cfg.micro_batch or cfg.batch_size // d.world  # examples per forward on this rank
         self.n_micro = cfg.batch_size // (d.world * self.micro)  # micro-batches per step (gradient accumulation)
@@ -206,6 +210,10 @@ class Trainer:
                 self.grow(stage)
                 self.save()
                 window = (self.wall, 0)  # the next line's speed (and ETA) from this stage's steps alone
+            if self.step == self.long_start:  # not a growth: the same model, optimizer and learning-rate schedule
+                self.print(f"step {self.step}: sequences of {cfg.long_seq_len} tokens from here on, not {cfg.seq_len}")
+                self.log({"seq_len": cfg.long_seq_len})
+                window, self.compile_pending = (self.wall, 0), cfg.compile  # compiled for the new shapes, off the clock
             if self.compile_pending:
                 self.compile_stage()
             t0 = time.perf_counter()
@@ -329,7 +337,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         c = self.cfg
         base = bert.preset(c.preset, vocab_size=self.prepared.tokenizer.vocab_size, pre_norm=c.pre_norm,
-                           dropout=c.dropout, attn_dropout=c.dropout, max_position=max(c.seq_len, 128))
+                           dropout=c.dropout, attn_dropout=c.dropout, max_position=max(c.seq_len, c.long_seq_len, 128))
         model = bert.Bert(stack.initial_config(self.schedule, base))
         stack.set_trainable(model, self.schedule.stages[0].trainable_top)
         self.set_model(model, 0, 0)
@@ -342,7 +350,8 @@ class Trainer:
         if ckpt["tokenizer"] != self.prepared.tokenizer.to_dict():
             raise SystemExit(f"error: {path} was trained with another tokenizer than the one in "
                              f"--cache-dir {self.cfg.cache_dir} for --corpus {self.cfg.corpus or '(synthetic)'}; "
-                             f"resume with the run's own corpus and cache (leave both flags out)")
+                             f"resume with the run's own corpus and cache (leave both flags out); a run begun before "
+                             f"tokenizer v3 (a space before each sentence) with the project version that began it")
         model, _ = model_from_checkpoint(ckpt, path, ways_on(self.out))
         stack.set_trainable(model, self.schedule.stages[ckpt["stage"]].trainable_top)
         self.set_model(model, ckpt["stage"], ckpt["step"])
@@ -390,7 +399,8 @@ class Trainer:
         never lands in `wall` (MSLT compiles five models, the baseline one): forward and backward of a
         micro-batch with and without an attention mask (two graphs), nothing updated; logged as `compile_s`."""
         t0 = time.perf_counter()
-        batch = self.train_batches.for_step(self.step, self.cfg.batch_size, self.d.rank, self.d.world, 0, self.n_micro)
+        c, d = self.cfg, self.d
+        batch = self.batches_at(self.step).for_step(self.step, c.batch_size, d.rank, d.world, 0, self.n_micro)
         for variant in (batch, {k: v for k, v in batch.items() if k != "attention_mask"}):
             self.forward(variant)[0].loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
@@ -402,10 +412,15 @@ class Trainer:
         self.print(f"step {self.step}: compiled the {self.model.config.n_layer}-layer model in {seconds:.1f} s "
                    f"(not counted in the training wall time)")
 
+    def batches_at(self, step: int) -> data.Batches:
+        """The training examples of 0-based `step`: of --long-seq-len tokens in the long phase, else --seq-len. Both
+        come from the same token cache; validation stays at --seq-len, so that its curve reads across the switch."""
+        return self.long_batches if step >= self.long_start else self.train_batches
+
     def step_batches(self, step: int) -> list:
         """This rank's micro-batches of `step` (built ahead by self.prefetch)."""
         c, d = self.cfg, self.d
-        return [host_batch(self.train_batches.for_step(step, c.batch_size, d.rank, d.world, m, self.n_micro))
+        return [host_batch(self.batches_at(step).for_step(step, c.batch_size, d.rank, d.world, m, self.n_micro))
                 for m in range(self.n_micro)]
 
     @torch.no_grad()
@@ -434,8 +449,9 @@ class Trainer:
         later, the last switch."""
         c = self.cfg
         steps_per_s = window[1] / max(self.wall - window[0], 1e-9)
-        tok_per_s = steps_per_s * c.batch_size * c.seq_len
-        eta = self.schedule.steps_left_at_cost_of(self.stage, self.step) / steps_per_s  # deeper stages run slower
+        tok_per_s = steps_per_s * c.batch_size * self.batches_at(self.step - 1).seq_len
+        # deeper stages and longer sequences run slower: the steps left weighed by their cost against the window's
+        eta = self.schedule.steps_left_at_cost_of(self.stage, self.step, self.step > self.long_start) / steps_per_s
         trainable = bert.count_parameters(self.model)[0]
         self.print(f"step {self.step:>6}/{c.steps} | stage {self.stage + 1}/{len(self.schedule.stages)} "
                    f"{self.model.config.n_layer:>2}L {trainable / 1e6:.2f}M trainable | loss {r['loss']:.3f} "
@@ -459,7 +475,7 @@ class Trainer:
         c = self.cfg
         stage = self.schedule.stage_at(steps_done)[0] if steps_done < c.steps else self.stage
         return (any(steps_done % n == 0 for n in (c.log_every, c.eval_every, c.save_every)) or steps_done == c.steps
-                or stage != self.stage or steps_done == c.stop_after or self.stop_signal > 0)
+                or stage != self.stage or steps_done in (c.stop_after, self.long_start) or self.stop_signal > 0)
 
     def diverged(self, r: Optional[StepStats]) -> bool:
         """True, after saying so, when step r's loss is not finite: the run stops and saves nothing more."""
@@ -703,10 +719,14 @@ class StepStats:
 
 
 def run_schedule(cfg: TrainConfig):
-    """The run's schedule from --method (paper proportions) or an explicit --schedule."""
-    if cfg.schedule:
-        return stack.parse_schedule(cfg.schedule, grow=cfg.grow)
-    return stack.make_schedule(cfg.method, cfg.steps, n_layer=bert.PRESETS[cfg.preset].n_layer, k=cfg.k)
+    """The run's schedule from --method (paper proportions) or an explicit --schedule, with its last
+    --long-fraction of steps (at least one) at --long-seq-len, which the ETA weighs by stack.length_cost."""
+    size = bert.PRESETS[cfg.preset]
+    schedule = stack.parse_schedule(cfg.schedule, grow=cfg.grow) if cfg.schedule else \
+        stack.make_schedule(cfg.method, cfg.steps, n_layer=size.n_layer, k=cfg.k)
+    long_steps = max(1, round(cfg.long_fraction * cfg.steps)) if cfg.long_seq_len else 0
+    return dataclasses.replace(schedule, long_steps=long_steps,
+                               long_cost=stack.length_cost(cfg.seq_len, cfg.long_seq_len or cfg.seq_len, size.d_model))
 
 
 def prepare_data(cfg: TrainConfig, d: Dist):
@@ -1260,6 +1280,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=d.cache_dir, help="where the tokenizer and token arrays are cached")
     g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary size")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per example")
+    g.add_argument("--long-seq-len", type=int, default=d.long_seq_len, help="tokens per example in the last "
+                   "--long-fraction of the steps (0: none); the same model, optimizer, lr schedule and batch")
+    g.add_argument("--long-fraction", type=float, default=d.long_fraction, help="share of the steps at --long-seq-len")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch in examples")
     g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="per-rank forward batch (0: batch/world)")
     g.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of split, pairs and masks")
@@ -1324,12 +1347,11 @@ def finish_config(cfg: TrainConfig, world: int) -> TrainConfig:
     try:
         schedule = run_schedule(cfg)  # validates itself
     except ValueError as e:
-        raise SystemExit(f"error: --method/--schedule/--steps/--k: {e}")
-    depth = bert.PRESETS[cfg.preset].n_layer
-    if schedule.total_steps != cfg.steps or schedule.stages[-1].n_layer != depth:
+        raise SystemExit(f"error: --method/--schedule/--steps/--k/--long-fraction: {e}")
+    if schedule.total_steps != cfg.steps or schedule.stages[-1].n_layer != bert.PRESETS[cfg.preset].n_layer:
         raise SystemExit(f"error: --schedule {cfg.schedule!r} has {schedule.total_steps} steps and ends at "
                          f"{schedule.stages[-1].n_layer} layers; --steps is {cfg.steps} and --preset {cfg.preset} "
-                         f"has {depth} layers")
+                         f"has {bert.PRESETS[cfg.preset].n_layer} layers")
     return cfg
 
 
@@ -1340,6 +1362,8 @@ def flag_errors(cfg: TrainConfig) -> list:
              ("k", cfg.k >= 1, "positive"),
              ("vocab_size", cfg.vocab_size >= data.N_BASE, f"at least {data.N_BASE} (5 specials + 256 bytes)"),
              ("seq_len", 8 <= cfg.seq_len <= 512, "between 8 and 512"), ("batch_size", cfg.batch_size >= 1, "positive"),
+             ("long_seq_len", not cfg.long_seq_len or cfg.seq_len < cfg.long_seq_len <= 512, "0 or (--seq-len, 512]"),
+             ("long_fraction", 0 < cfg.long_fraction < 1, "in (0, 1)"),
              ("micro_batch", cfg.micro_batch >= 0, "0 (batch / world size) or positive"),
              ("data_seed", cfg.data_seed >= 0, "0 or positive"), ("seed", cfg.seed >= 0, "0 or positive"),
              ("lr", 0 < cfg.lr < math.inf, "a positive number"), ("warmup", cfg.warmup >= 0, "0 or positive"),

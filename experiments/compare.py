@@ -22,6 +22,7 @@ continued by running the same command again.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -33,6 +34,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
+import stack  # noqa: E402
 import train  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -64,13 +66,19 @@ QUICK = dict(preset="tiny", corpus=[], vocab_size=1000, seq_len=64, steps=200, e
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     # what to run
-    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="which runs, in order")
+    p.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS),
+                   help="which runs, in order (none: only the ablation)")
     p.add_argument("--out", default="runs/compare", help="directory of the runs and the results")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, synthetic corpus, a few minutes")
     p.add_argument("--report-only", action="store_true", help="do not train; rebuild results from the logs")
     p.add_argument("--replicates", nargs="+", metavar="DIR", default=[],
                    help="do not train; print finished comparisons (e.g. --seed 0 and 1) side by side into <out>/replicates.md")
     p.add_argument("--ablation", action="store_true", help="also run the switching-time ablation (Figure 7)")
+    p.add_argument("--ablation-after", type=int, default=0, metavar="F",
+                   help="ablation: steps at full depth after the switch (default: --steps / 4)")
+    p.add_argument("--ablation-switches", type=int, nargs="+", default=[], metavar="S",
+                   help="ablation: steps of the half-depth model before it grows; 0 is the full-depth model from scratch "
+                        "(default: 0, F/4, F/2 and F)")
     p.add_argument("--glue", action="store_true", help="fine-tune the final checkpoints on GLUE dev, side by side")
     p.add_argument("--glue-runs", nargs="+", default=["baseline-lamb", "mslt", "baseline", "stack"],
                    help="runs to fine-tune; the first one's config is also fine-tuned from random weights")
@@ -152,14 +160,24 @@ def run(a, name: str, flags: list):
 
 
 def ablation_runs(a) -> dict:
-    """Figure 7's switching-time ablation: a half-depth model trained s steps, stacked to full depth and
-    trained F = steps/4 more, for several s; and the full-depth model trained F steps from scratch."""
-    n = bert_depth(a.preset)
-    F = max(2, a.steps // 4)
-    runs = {f"switch-{s}": ["--method", "stack", "--schedule", f"{n // 2}:{s},{n}:{F}", "--steps", str(s + F)]
-            for s in (F // 4, F // 2, F)}
-    runs["switch-scratch"] = ["--method", "baseline", "--schedule", f"{n}:{F}", "--steps", str(F)]
-    return {name: flags + ["--lr", str(a.lr)] for name, flags in runs.items()}
+    """Figure 7's switching-time ablation, with identity growth beside stacking: for each switch point s, a
+    half-depth model trained s steps, grown to full depth by `stack` and, from the same checkpoint, by
+    `identity`, and trained F more steps; and the full-depth model trained F steps from scratch. Each run's
+    learning rate decays over its own s + F steps. name -> (train.py flags, name of the run it branches from)."""
+    n, F = bert_depth(a.preset), ablation_after(a)
+    runs = {}
+    for s in a.ablation_switches or (0, F // 4, F // 2, F):
+        if s == 0:  # no half-depth steps: the full-depth model from scratch
+            runs["switch-scratch"] = (["--method", "baseline", "--schedule", f"{n}:{F}", "--steps", str(F), "--lr", str(a.lr)], None)
+            continue
+        flags = ["--method", "stack", "--schedule", f"{n // 2}:{s},{n}:{F}", "--steps", str(s + F), "--lr", str(a.lr)]
+        runs[f"switch-{s}"] = (flags, None)
+        runs[f"switch-{s}-identity"] = (flags + ["--grow", "identity"], f"switch-{s}")
+    return runs
+
+
+def ablation_after(a) -> int:
+    return a.ablation_after or max(2, a.steps // 4)
 
 
 def bert_depth(preset: str) -> int:
@@ -167,19 +185,57 @@ def bert_depth(preset: str) -> int:
     return bert.PRESETS[preset].n_layer
 
 
+def branch(a, source: str, name: str, grow: str):
+    """Start run `name` from run `source`'s half-depth model at its switch (stage0_end.pt, saved before it grew):
+    the same weights, optimizer state, step and log, with the growth op changed to `grow`. Resuming it then
+    grows that same model by `grow` and trains on with the same data order, seed and learning-rate schedule."""
+    out = os.path.join(a.out, name)
+    if os.path.exists(os.path.join(out, "checkpoint.pt")):
+        return
+    ckpt = train.load_checkpoint(os.path.join(a.out, source, "stage0_end.pt"))
+    ckpt["train_config"]["grow"] = grow
+    schedule = stack.Schedule.from_dict(ckpt["schedule"])
+    ckpt["schedule"] = dataclasses.replace(schedule, method=grow, stages=[
+        dataclasses.replace(st, grow=grow) if st.grow != "init" else st for st in schedule.stages]).to_dict()
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(a.out, source, "log.jsonl")) as f:  # the resume validates at the switch again
+        kept = [line for line in f if json.loads(line)["step"] < ckpt["step"] or "val_loss" not in line]
+    with open(os.path.join(out, "log.jsonl"), "w") as f:  # and drops the records after it
+        f.writelines(kept)
+    train.save_checkpoint(os.path.join(out, "checkpoint.pt"), ckpt)
+    print(f"== {name}: branched from {source} at step {ckpt['step']}, growing by {grow}")
+
+
+def run_ablation(a):
+    """Train every ablation run (finished ones are skipped); a branch starts once its source has switched."""
+    for name, (flags, source) in ablation_runs(a).items():
+        if source and not a.report_only:
+            branch(a, source, name, flags[flags.index("--grow") + 1])
+        if not a.report_only:
+            run(a, name, flags)
+
+
 def ablation_report(a, runs: dict):
-    """Validation loss against steps after the switch, one curve per switching time."""
-    series, points = {}, {}
-    for name, flags in runs.items():
-        switch = int(flags[flags.index("--steps") + 1]) - max(2, a.steps // 4)
+    """Validation loss against steps after the switch, one curve per run (switches marked), and per run: the loss
+    at the switch and at the end. Beside each stacked run, its identity branch and the gap: identity's final
+    loss minus stacking's (positive: stacking ahead)."""
+    F, series, points = ablation_after(a), {}, {}
+    for name, (flags, _) in runs.items():
+        switch = int(flags[flags.index("--steps") + 1]) - F
         points[name] = [p for p in val_points(train.read_log(os.path.join(a.out, name))) if p[0] >= switch]
         series[name] = [(step - switch, loss) for step, _, loss, _ in points[name]]
     path = os.path.join(a.out, "switch_ablation.svg")
-    train.svg_plot(series, path, "steps after stacking (from scratch: all steps)", "validation loss (MLM + NSP)",
-                   "Switching-time ablation (Gong et al. 2019, Figure 7)")
-    # at switch: the shallow model's validation just before stacking (scratch: its first validation)
-    lines = ["| run | loss at switch | final loss | final MLM loss |", "|---|---|---|---|"]
-    lines += [f"| {n} | {p[0][2]:.3f} | {p[-1][2]:.3f} | {p[-1][3]:.3f} |" for n, p in points.items()]
+    train.svg_plot(series, path, "steps after growing (from scratch: all steps)", "validation loss (MLM + NSP)",
+                   "Switching-time ablation (Gong et al. 2019, Figure 7): stack and identity from one checkpoint")
+    # at switch: the shallow model's validation just before growing (scratch: its first validation)
+    lines = ["| run | loss at switch | final loss | final MLM loss | identity's final loss | gap (identity - stack) |",
+             "|---|---|---|---|---|---|"]
+    for n, p in points.items():
+        if n.endswith("-identity") or not p:
+            continue
+        twin = points.get(n + "-identity")
+        gap = (f"{twin[-1][2]:.3f} | {twin[-1][2] - p[-1][2]:+.3f}" if twin else "- | -")
+        lines.append(f"| {n} | {p[0][2]:.3f} | {p[-1][2]:.3f} | {p[-1][3]:.3f} | {gap} |")
     with open(os.path.join(a.out, "switch_ablation.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -351,11 +407,10 @@ if __name__ == "__main__":
     for name in args.runs:
         if not args.report_only:
             run(args, name, method_flags(args, name))
-    report(args)
+    if args.runs:
+        report(args)
     if args.ablation:
-        for name, flags in ablation_runs(args).items():
-            if not args.report_only:
-                run(args, name, flags)
+        run_ablation(args)
         ablation_report(args, ablation_runs(args))
     if args.glue:
         glue_compare(args)
