@@ -338,18 +338,17 @@ def hf_config(c: BertConfig) -> dict:
 
 def save_hf(model: Bert, directory: str):
     """Write config.json and model.safetensors, which transformers' AutoModelForMaskedLM loads."""
-    sd = hf_state_dict(model)
     os.makedirs(directory, exist_ok=True)
     config = json.dumps(hf_config(model.config), indent=2).encode()
     atomic_write(os.path.join(directory, "config.json"), lambda f: f.write(config))
-    write_safetensors(os.path.join(directory, "model.safetensors"), sd)
+    write_safetensors(os.path.join(directory, "model.safetensors"), hf_state_dict(model))
 
 
 def atomic_write(path: str, write):
     """Write a file by `write(binary file object)` into a temporary beside it, then rename it into place:
     a crash leaves the old file or none, never half a file. A failed write (disk full, say) removes the
     temporary before the error goes on, so it cannot keep the disk full; a killed process's temporary is
-    left for train.remove_stale_temporaries, which finds it by the pid in its name."""
+    left for data.remove_stale_temporaries, which finds it by the pid in its name."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -436,10 +435,10 @@ def write_safetensors(path: str, tensors: dict):
 LAYER = re.compile(r"\blayers?\.(\d+)\.")  # a layer's weights: "layers.3." (ours), "encoder.layer.3." (transformers')
 
 
-def check_weights(c: BertConfig, weights, hf_skip: Optional[int] = None):
+def check_weights(c: BertConfig, weights, hf: bool = False):
     """Refuse, in one ValueError line, weights that are not exactly those of Bert(c), in dtype (floating point),
-    names and shapes: our names (a checkpoint's state dict) or, given `hf_skip`, transformers' (see _hf_views; the
-    RoBERTa position table has hf_skip rows before the first position, and tied copies may be present).
+    names and shapes: our names (a checkpoint's state dict) or, with `hf`, transformers' (see _hf_views; the
+    RoBERTa position table without the rows before the first position, and tied copies may be present).
 
     Every loader calls it before it builds a model, so that a config damaged or at odds with its weights builds
     nothing: the layers are counted from the names first ("config says 1000000 layers, the weights hold 12"),
@@ -454,10 +453,8 @@ def check_weights(c: BertConfig, weights, hf_skip: Optional[int] = None):
         raise ValueError(f"config says {c.n_layer} layers, the weights hold {held}")
     with torch.device("meta"):
         model = Bert(c)
-    expected = {k: v.shape for k, v in (model.state_dict() if hf_skip is None else _hf_views(model)).items()}
-    if hf_skip:
-        expected[ROBERTA_POSITIONS] = torch.Size([c.max_position + hf_skip, c.d_model])
-    unexpected = [k for k in weights if k not in expected and (hf_skip is None or k not in {*HF_TIED, *HF_BUFFERS})]
+    expected = {k: v.shape for k, v in (_hf_views(model) if hf else model.state_dict()).items()}
+    unexpected = [k for k in weights if k not in expected and not (hf and k in {*HF_TIED, *HF_BUFFERS})]
     if unexpected:
         raise ValueError(f"the weights hold {unexpected[0]}, which the config's model has not")
     wrong = next((k for k, shape in expected.items() if k not in weights or weights[k].shape != shape
@@ -467,7 +464,7 @@ def check_weights(c: BertConfig, weights, hf_skip: Optional[int] = None):
         raise ValueError(f"the weights' {wrong} is {held}, the config's model has float {list(expected[wrong])} "
                          f"({c.vocab_size} tokens, {c.max_position} positions, d_model x d_ff {c.d_model} x {c.d_ff})")
     group_first = lambda k: LAYER.sub(lambda m: f"layers.{int(m[1]) - int(m[1]) % c.group_size}.", k, count=1)
-    same = [(k, v) for k, v in HF_TIED.items() if k in weights] if hf_skip is not None else \
+    same = [(k, v) for k, v in HF_TIED.items() if k in weights] if hf else \
         [(k, group_first(k)) for k in weights if group_first(k) != k]  # tied copies; layers of one shared block
     for k, v in same:
         if not torch.equal(weights[k], weights[v]):
@@ -497,9 +494,9 @@ def load_hf(directory: str) -> Bert:
     except (AttributeError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a BERT config.json: {type(e).__name__} {e}") from None
     theirs = read_safetensors(os.path.join(directory, "model.safetensors"))
-    check_weights(config, theirs, hf_skip=skip)
-    if pre_norm:
+    if pre_norm and ROBERTA_POSITIONS in theirs:
         theirs[ROBERTA_POSITIONS] = theirs[ROBERTA_POSITIONS][skip:]
+    check_weights(config, theirs, hf=True)
     model = Bert(config)
     with torch.no_grad():
         for name, target in _hf_views(model).items():
@@ -517,10 +514,9 @@ def describe(model: Bert) -> str:
     """One line: layout, depth, width and parameter counts (shared blocks counted once)."""
     c = model.config
     trainable, total = count_parameters(model)
-    layout = "pre-LN" if c.pre_norm else "post-LN"
     share = f", {c.n_layer // c.group_size} shared groups" if c.group_size > 1 else ""
-    return (f"{layout} BERT {c.n_layer} layers x {c.d_model} hidden ({c.n_head} heads, FFN {c.d_ff}{share}): "
-            f"{total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable")
+    return (f"{'pre' if c.pre_norm else 'post'}-LN BERT {c.n_layer} layers x {c.d_model} hidden ({c.n_head} heads, FFN "
+            f"{c.d_ff}{share}): {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable")
 
 
 if __name__ == "__main__":
@@ -533,5 +529,4 @@ if __name__ == "__main__":
     labels[:, 3] = ids[:, 3]
     out = model(ids, mlm_labels=labels, nsp_labels=torch.tensor([0, 1]))
     out.loss.backward()
-    print(f"tiny forward/backward: loss {out.loss.item():.3f} "
-          f"(log V = {math.log(1000):.3f} + log 2 = {math.log(2):.3f})")
+    print(f"forward/backward: loss {out.loss.item():.3f} (log V = {math.log(1000):.3f} + log 2 = {math.log(2):.3f})")

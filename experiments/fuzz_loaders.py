@@ -3,15 +3,16 @@
 A tiny checkpoint (train.py's format) and its `train.py --export-hf` folder are written once. Each mutation
 damages one of their files, seeded: truncation at a random point, random byte flips, header fields swapped for
 absurd values, keys removed or retyped (in a JSON file, in a safetensors header, or in the checkpoint's
-plain-value tree, tensors included), and loads it through a public entry point (`train.py --export-hf` or
-`glue.py --checkpoint` for checkpoint.pt, `glue.py --checkpoint FOLDER` for the folder's files), in a fresh
-`python` process with a time limit and an address-space limit (resource.setrlimit). Each outcome is one of:
+plain-value tree, tensors included), and loads it through a public entry point (`train.py --export-hf`,
+`glue.py --checkpoint` or `squad.py --checkpoint` for checkpoint.pt; `glue.py` or `squad.py --checkpoint FOLDER`
+for the folder's files), in a fresh `python` process with limits on CPU time, wall time and address space
+(resource.setrlimit). Each outcome is one of:
 
     loaded     exit status 0: the mutation was harmless (a flipped weight, say) and the file loaded
     refused    exit status 1 or 2 with exactly one line on stderr, starting `error:`
     traceback  an exception escaped (MemoryError included: something tried to allocate past the limit)
     crash      killed by a signal
-    hang       still running at the time limit
+    hang       past the limit of CPU time (a loop) or of wall time (a wait)
     other      anything else (several lines, no `error:`, another exit status)
 
 Only the first two are acceptable. The test suite runs a few mutations
@@ -27,6 +28,7 @@ import json
 import os
 import random
 import runpy
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -44,12 +46,14 @@ import train  # noqa: E402
 
 KINDS = ("checkpoint.pt", "model.safetensors", "config.json", "tokenizer.json")
 ABSURD = (2 ** 60, -1, 0, 1_000_000, 1e308, float("nan"), "x", None, True, [], {})
-LIMIT_S = 60  # per load; a good one takes a few seconds on a busy 2-core machine
+LIMIT_S = 60  # CPU seconds per load; a good one takes a few
+WALL_S = 30 * LIMIT_S  # per load, for one that waits without computing: on a busy machine a good load may wait long
 MEMORY = 4 << 30  # address space per load: torch's libraries map about 1.5 GiB, a tiny model little more
 
 
 def write_originals(folder: str):
-    """A tiny train.py checkpoint, its export (config.json, model.safetensors, tokenizer.json) and GLUE files."""
+    """A tiny train.py checkpoint, its export (config.json, model.safetensors, tokenizer.json), GLUE files and a
+    SQuAD 2.0 file of one article (two questions, one of them unanswerable)."""
     texts = ["the cat sat on a mat yes", "a dog ran to the log no", "the red fox saw a big blue mat"] * 3
     tok = data.Tokenizer.train(texts, vocab_size=300)
     torch.manual_seed(0)
@@ -67,6 +71,13 @@ def write_originals(folder: str):
     for name in ("train.tsv", "dev.tsv"):
         with open(os.path.join(folder, "glue", "RTE", name), "w") as f:
             f.write("\n".join(rows) + "\n")
+    context = " ".join(texts[:3])
+    questions = [{"id": "q1", "question": "where did the dog run", "is_impossible": False,
+                  "answers": [{"text": "to the log", "answer_start": context.index("to the log")}]},
+                 {"id": "q2", "question": "what did the cat eat", "is_impossible": True, "answers": []}]
+    with open(os.path.join(folder, "squad.json"), "w") as f:
+        json.dump({"version": "v2.0", "data": [{"title": "t", "paragraphs": [{"context": context, "qas": questions}]}]},
+                  f)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,30 +161,40 @@ def mutate(kind: str, raw: bytes, rng: random.Random) -> tuple:
 # Loading a mutated file through a public entry point, in its own limited process.
 
 
-def command(kind: str, case: str, originals: str, use_glue: bool) -> list:
-    """The entry point that loads a mutated file of `kind` held in folder `case`."""
-    glue_args = ["--task", "RTE", "--glue-dir", os.path.join(originals, "glue"), "--device", "cpu", "--seeds", "0",
-                 "--lrs", "1e-3", "--max-steps", "1", "--max-seq-len", "32", "--no-test", "--out",
-                 os.path.join(case, "out")]
-    if kind != "checkpoint.pt":
-        return ["glue.py", "--checkpoint", os.path.join(case, "hf")] + glue_args
-    path = os.path.join(case, "checkpoint.pt")
-    if use_glue:
-        return ["glue.py", "--checkpoint", path] + glue_args
-    return ["train.py", "--export-hf", os.path.join(case, "export"), "--checkpoint", path]
+def command(kind: str, case: str, originals: str, rng: random.Random) -> list:
+    """An entry point, drawn by `rng`, that loads a mutated file of `kind` held in folder `case`."""
+    path = os.path.join(case, "checkpoint.pt" if kind == "checkpoint.pt" else "hf")
+    entry = rng.choice(["glue.py", "squad.py"] + ["train.py"] * (kind == "checkpoint.pt"))
+    if entry == "train.py":
+        return ["train.py", "--export-hf", os.path.join(case, "export"), "--checkpoint", path]
+    common = ["--checkpoint", path, "--device", "cpu", "--seeds", "0", "--lrs", "1e-3", "--max-steps", "1",
+              "--max-seq-len", "32", "--out", os.path.join(case, "out")]
+    squad = os.path.join(originals, "squad.json")
+    if entry == "squad.py":
+        return ["squad.py", "--train-file", squad, "--dev-file", squad, "--doc-stride", "16", "--max-query-len", "8",
+                "--batch-size", "2"] + common
+    return ["glue.py", "--task", "RTE", "--glue-dir", os.path.join(originals, "glue"), "--no-test"] + common
 
 
 def run_fresh(argv: list) -> tuple:
     """(exit status or 'hang', stderr) of `python argv...` in a fresh interpreter, from the repository, with the
-    address-space limit: the plain way, about 2.5 s of CPU a load, most of it importing torch."""
-    launcher = (f"import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, ({MEMORY}, {MEMORY})); "
+    limits (set_limits): the plain way, about 2.5 s of CPU a load, most of it importing torch."""
+    launcher = (f"import runpy, sys; sys.path.insert(0, {HERE!r}); import fuzz_loaders; fuzz_loaders.set_limits(); "
                 f"sys.argv = {argv!r}; runpy.run_path({argv[0]!r}, run_name='__main__')")
     try:
         p = subprocess.run([sys.executable, "-c", launcher], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                           timeout=LIMIT_S)
+                           timeout=WALL_S)
     except subprocess.TimeoutExpired:
         return "hang", ""
     return p.returncode, p.stderr
+
+
+def set_limits():
+    """This process's limits: MEMORY bytes of address space, LIMIT_S seconds of CPU (then SIGXCPU ends it). CPU
+    time, not wall time, tells a loop from a slow load on a machine that other work keeps busy."""
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+    resource.setrlimit(resource.RLIMIT_CPU, (LIMIT_S, LIMIT_S + 10))
 
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -202,8 +223,6 @@ class Forker:
 def serve():
     """Read one JSON argv a line from stdin; answer each with [exit status or "hang", stderr] on stdout."""
     import glue  # noqa: F401  (imported once here, shared by every child)
-    import resource
-    import signal
     import tempfile
     import time
     import traceback
@@ -214,7 +233,7 @@ def serve():
             if pid == 0:  # the child: the interpreter's own handling of `python argv...`, under the limit
                 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
                 os.dup2(err.fileno(), 2)
-                resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+                set_limits()
                 code = 0
                 try:
                     sys.argv = argv
@@ -226,7 +245,7 @@ def serve():
                     code = 1
                 sys.stderr.flush()
                 os._exit(code)
-            deadline, status = time.monotonic() + LIMIT_S, None
+            deadline, status = time.monotonic() + WALL_S, None
             while status is None:
                 done, wait_status = os.waitpid(pid, os.WNOHANG)
                 if done:
@@ -244,7 +263,7 @@ def serve():
 def outcome(status, stderr: str) -> str:
     """What a load's exit status and stderr show (see the module's docstring)."""
     lines = [line for line in stderr.splitlines() if line.strip()]
-    if status == "hang":
+    if status in ("hang", -signal.SIGXCPU):
         return "hang"
     if status == 0:
         return "loaded"
@@ -272,7 +291,7 @@ def one_case(i: int, seed: int, originals: str, work: str, run) -> dict:
     target = os.path.join(case, "checkpoint.pt" if kind == "checkpoint.pt" else os.path.join("hf", kind))
     with open(target, "wb") as f:
         f.write(raw)
-    argv = command(kind, case, originals, use_glue=rng.random() < 0.5)
+    argv = command(kind, case, originals, rng)
     status, stderr = run(argv)
     return {"i": i, "kind": kind, "mutation": what, "entry": argv[0], "outcome": outcome(status, stderr),
             "status": status, "stderr": stderr.strip().splitlines()[-3:]}
