@@ -50,12 +50,13 @@ class BertConfig:
 
     def __post_init__(self):
         """Refuse, in one line, a config that no BERT has, before anything is built from it: a config may come
-        from a file (a checkpoint, a config.json), retyped or damaged."""
+        from a file (a checkpoint, a config.json), retyped or damaged. A size is at most 2^24 (a vocabulary of
+        16.7M tokens, say), so that no product of two overflows a tensor's byte count, even on the meta device."""
         kinds = {f.name: f.type for f in fields(self)}
-        bad = [f"{k}={v!r}" for k, v in vars(self).items() if kinds[k] is int and (type(v) is not int or v < 1)
-               or kinds[k] is float and (type(v) not in (int, float) or not 0 <= v < 1)]  # NaN fails too
-        if bad:
-            raise ValueError(f"config has {', '.join(bad)}: sizes must be positive integers, rates in [0, 1)")
+        bad = [f"{k}={v!r}" for k, v in vars(self).items() if kinds[k] is int and (type(v) is not int or
+               not 0 < v <= 1 << 24) or kinds[k] is float and (type(v) not in (int, float) or not 0 <= v < 1)]
+        if bad:  # NaN fails the rates' test too
+            raise ValueError(f"config has {', '.join(bad)}: sizes must be integers in [1, 2^24], rates in [0, 1)")
         # At most a few thousand layers: the deepest Transformers trained have about 1,000 (DeepNet, 2022).
         if self.n_layer > 4096 or self.n_layer % self.group_size or self.d_model % self.n_head:
             raise ValueError(f"config says {self.n_layer} layers in groups of {self.group_size}, {self.n_head} heads, "

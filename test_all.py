@@ -759,6 +759,7 @@ def test_safetensors_reader_reads_empty_tensors_and_metadata(tmp_path):
     (dict(n_head=3), "3 heads, d_model 32: want at most 4096 layers, whole groups, heads dividing d_model"),
     (dict(n_head=0), "config has n_head=0"),
     (dict(d_ff=-64), "config has d_ff=-64"),
+    (dict(vocab_size=2 ** 60), "config has vocab_size=1152921504606846976"),  # overflowed the meta model's bytes
     (dict(n_layer="2"), "config has n_layer='2'"),
     (dict(dropout=float("nan")), "config has dropout=nan"),
     (dict(group_size=2), "the weights' layers.1.attn.qkv.weight differs from layers.0.attn.qkv.weight"),
