@@ -22,7 +22,8 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+import re
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -48,11 +49,18 @@ class BertConfig:
     group_size: int = 1  # consecutive layers sharing one block (1 = no sharing; ALBERT groups > 1)
 
     def __post_init__(self):
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
-        if self.n_layer < 1 or self.n_layer % self.group_size:
-            raise ValueError(f"n_layer={self.n_layer} must be a positive multiple of group_size={self.group_size}")
-
+        """Refuse, in one line, a config that no BERT has, before anything is built from it: a config may come
+        from a file (a checkpoint, a config.json), retyped or damaged. A size is at most 2^24 (a vocabulary of
+        16.7M tokens, say), so that no product of two overflows a tensor's byte count, even on the meta device."""
+        kinds = {f.name: f.type for f in fields(self)}
+        bad = [f"{k}={v!r}" for k, v in vars(self).items() if kinds[k] is int and (type(v) is not int or
+               not 0 < v <= 1 << 24) or kinds[k] is float and (type(v) not in (int, float) or not 0 <= v < 1)]
+        if bad:  # NaN fails the rates' test too
+            raise ValueError(f"config has {', '.join(bad)}: sizes must be integers in [1, 2^24], rates in [0, 1)")
+        # At most a few thousand layers: the deepest Transformers trained have about 1,000 (DeepNet, 2022).
+        if self.n_layer > 4096 or self.n_layer % self.group_size or self.d_model % self.n_head:
+            raise ValueError(f"config says {self.n_layer} layers in groups of {self.group_size}, {self.n_head} heads, "
+                             f"d_model {self.d_model}: want at most 4096 layers, whole groups, heads dividing d_model")
 
 # Sizes used by the papers and by the CPU experiments; the vocabulary comes from the tokenizer.
 PRESETS = {
@@ -311,13 +319,16 @@ def hf_state_dict(model: Bert) -> dict:
     return sd
 
 
+# BertConfig's fields under transformers' names in config.json (max_position and pre_norm aside: see hf_config).
+HF_FIELDS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layer": "num_hidden_layers",
+             "n_head": "num_attention_heads", "d_ff": "intermediate_size", "dropout": "hidden_dropout_prob",
+             "attn_dropout": "attention_probs_dropout_prob", "n_segment": "type_vocab_size", "ln_eps": "layer_norm_eps"}
+
+
 def hf_config(c: BertConfig) -> dict:
     """transformers' config.json for a BertConfig (a pre-LN model's position table is HF_PAD + 1 rows longer)."""
-    common = {"vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layer,
-              "num_attention_heads": c.n_head, "intermediate_size": c.d_ff, "hidden_act": "gelu",
-              "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.attn_dropout,
-              "type_vocab_size": c.n_segment, "initializer_range": 0.02, "layer_norm_eps": c.ln_eps,
-              "pad_token_id": HF_PAD, "tie_word_embeddings": True}
+    common = {**{theirs: getattr(c, ours) for ours, theirs in HF_FIELDS.items()}, "hidden_act": "gelu",
+              "initializer_range": 0.02, "pad_token_id": HF_PAD, "tie_word_embeddings": True}
     if c.pre_norm:
         return {"architectures": ["RobertaPreLayerNormForMaskedLM"], "model_type": "roberta-prelayernorm",
                 "max_position_embeddings": c.max_position + HF_PAD + 1, "position_embedding_type": "absolute",
@@ -328,18 +339,17 @@ def hf_config(c: BertConfig) -> dict:
 
 def save_hf(model: Bert, directory: str):
     """Write config.json and model.safetensors, which transformers' AutoModelForMaskedLM loads."""
-    sd = hf_state_dict(model)
     os.makedirs(directory, exist_ok=True)
     config = json.dumps(hf_config(model.config), indent=2).encode()
     atomic_write(os.path.join(directory, "config.json"), lambda f: f.write(config))
-    write_safetensors(os.path.join(directory, "model.safetensors"), sd)
+    write_safetensors(os.path.join(directory, "model.safetensors"), hf_state_dict(model))
 
 
 def atomic_write(path: str, write):
     """Write a file by `write(binary file object)` into a temporary beside it, then rename it into place:
     a crash leaves the old file or none, never half a file. A failed write (disk full, say) removes the
     temporary before the error goes on, so it cannot keep the disk full; a killed process's temporary is
-    left for train.remove_stale_temporaries, which finds it by the pid in its name."""
+    left for data.remove_stale_temporaries, which finds it by the pid in its name."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -358,20 +368,50 @@ _SAFETENSORS_DTYPES = {
 
 
 def read_safetensors(path: str) -> dict:
-    """Read a .safetensors file with torch alone: 8-byte little-endian header length, JSON header, raw bytes."""
+    """Read a .safetensors file with torch alone: 8-byte little-endian header length, JSON header, raw bytes.
+
+    The file is checked as the safetensors package checks it, before anything is allocated for it: a header of
+    at most 100 MB inside the file; a JSON object of tensors, each of a known dtype, a shape of non-negative
+    integers and data_offsets [begin, end] holding dtype size x the shape's product bytes; the tensors' bytes in
+    order, one after another, filling the file. A file that fails is refused in one ValueError line naming it (and
+    the tensor): nothing is read beyond what the file holds, whatever its header says."""
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        size, n = os.fstat(f.fileno()).st_size, int.from_bytes(f.read(8), "little")
+        if size < 8 or n > min(100_000_000, size - 8):  # the safetensors package's limit: 100 MB
+            raise ValueError(f"{path}: header length {n} does not fit a file of {size} bytes (nor 100 MB): "
+                             f"truncated or not a safetensors file")
+        try:
+            header = dict(json.loads(f.read(n)))  # TypeError or ValueError unless JSON of an object (or of pairs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: the header is not a JSON object of tensors ({e})") from None
         data = bytearray(f.read())
-    out = {}
+    spans = []
     for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = t["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES[t["dtype"]]
+        ok = (name == "__metadata__" or isinstance(t, dict) and str(t.get("dtype")) in _SAFETENSORS_DTYPES and
+              _naturals(t.get("shape")) and _naturals(t.get("data_offsets")) and len(t["data_offsets"]) == 2)
+        if ok and name != "__metadata__":
+            dtype, (begin, end) = _SAFETENSORS_DTYPES[t["dtype"]], t["data_offsets"]
+            ok = end - begin == math.prod(t["shape"]) * dtype.itemsize
+            spans.append((begin, end, name, dtype, t["shape"]))
+        if not ok:
+            raise ValueError(f"{path}: tensor {name!r} is {str(t)[:100]}, not {{'dtype': one of "
+                             f"{'/'.join(_SAFETENSORS_DTYPES)}, 'shape': [size, ...], 'data_offsets': "
+                             f"[begin, begin + dtype size x the shape's product]}}")
+    out, at = {}, 0
+    for begin, end, name, dtype, shape in sorted(spans):  # in the file's order: each must begin where one ended
+        if begin != at or end > len(data):
+            raise ValueError(f"{path}: tensor {name!r}: data_offsets [{begin}, {end}] " + ("overlap another tensor "
+                             "or leave a gap" if begin != at else f"lie beyond the {len(data)} bytes of data"))
         flat = torch.frombuffer(data[begin:end], dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
-        out[name] = flat.reshape(t["shape"]).clone()
+        out[name], at = flat.reshape(shape).clone(), end
+    if at != len(data):  # the safetensors package refuses them too: a shifted header length leaves one, say
+        raise ValueError(f"{path}: {len(data) - at} bytes after the last tensor's: damaged or not a safetensors file")
     return out
+
+
+def _naturals(x) -> bool:
+    """x is a list of integers >= 0 (JSON's true and false are not integers here)."""
+    return isinstance(x, list) and all(type(v) is int and v >= 0 for v in x)
 
 
 def write_safetensors(path: str, tensors: dict):
@@ -393,41 +433,74 @@ def write_safetensors(path: str, tensors: dict):
     atomic_write(path, write)
 
 
+LAYER = re.compile(r"\blayers?\.(\d+)\.")  # a layer's weights: "layers.3." (ours), "encoder.layer.3." (transformers')
+
+
+def check_weights(c: BertConfig, weights, hf: bool = False):
+    """Refuse, in one ValueError line, weights that are not exactly those of Bert(c), in dtype (floating point),
+    names and shapes: our names (a checkpoint's state dict) or, with `hf`, transformers' (see _hf_views; the
+    RoBERTa position table without the rows before the first position, and tied copies may be present).
+
+    Every loader calls it before it builds a model, so that a config damaged or at odds with its weights builds
+    nothing: the layers are counted from the names first ("config says 1000000 layers, the weights hold 12"),
+    then a model on the meta device (no memory, no initialisation) gives every name and shape to compare. Layers
+    of one shared block (group_size > 1) must hold equal weights. The heads leave no trace in the weights:
+    BertConfig checks that they divide the hidden size."""
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        raise ValueError("the weights are not a dict of named tensors")
+    held = len({m[1] for m in map(LAYER.search, weights) if m})
+    if held != c.n_layer:
+        raise ValueError(f"config says {c.n_layer} layers, the weights hold {held}")
+    with torch.device("meta"):
+        model = Bert(c)
+    expected = {k: v.shape for k, v in (_hf_views(model) if hf else model.state_dict()).items()}
+    unexpected = [k for k in weights if k not in expected and not (hf and k in {*HF_TIED, *HF_BUFFERS})]
+    if unexpected:
+        raise ValueError(f"the weights hold {unexpected[0]}, which the config's model has not")
+    wrong = next((k for k, shape in expected.items() if k not in weights or weights[k].shape != shape
+                  or not weights[k].is_floating_point()), None)
+    if wrong:
+        held = f"{weights[wrong].dtype} {list(weights[wrong].shape)}" if wrong in weights else "missing"
+        raise ValueError(f"the weights' {wrong} is {held}, the config's model has float {list(expected[wrong])} "
+                         f"({c.vocab_size} tokens, {c.max_position} positions, d_model x d_ff {c.d_model} x {c.d_ff})")
+    group_first = lambda k: LAYER.sub(lambda m: f"layers.{int(m[1]) - int(m[1]) % c.group_size}.", k, count=1)
+    same = [(k, v) for k, v in HF_TIED.items() if k in weights] if hf else \
+        [(k, group_first(k)) for k in weights if group_first(k) != k]  # tied copies; layers of one shared block
+    for k, v in same:
+        if not torch.equal(weights[k], weights[v]):
+            raise ValueError(f"the weights' {k} differs from {v}, which the config's model shares with it (tied "
+                             f"weights, or group_size {c.group_size})")
+
+
 def load_hf(directory: str) -> Bert:
-    """Read a HuggingFace folder, ours or one written by transformers (model.safetensors or the older
-    pytorch_model.bin). A pre-LN model's pooler and NSP head, absent there, keep their fresh initialisation."""
-    with open(os.path.join(directory, "config.json")) as f:
+    """Read a HuggingFace folder, ours or one written by transformers (config.json and model.safetensors, its
+    format since 4.35; an older folder's pytorch_model.bin can be written as one by save_pretrained). A pre-LN
+    model's pooler and NSP head, absent there, keep their fresh initialisation.
+    Nothing is built before config and weights are checked to fit (check_weights); a folder that fails is
+    refused in one ValueError (or OSError) line."""
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
         hc = json.load(f)
-    kind = hc.get("model_type", "bert")
-    if kind not in ("bert", "roberta-prelayernorm"):
-        raise ValueError(f"{directory}/config.json: model_type={kind!r}; only 'bert' and 'roberta-prelayernorm' "
-                         "are supported")
-    if hc.get("hidden_act", "gelu") != "gelu" or hc.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{directory}/config.json: hidden_act={hc.get('hidden_act')!r}, position_embedding_type="
-                         f"{hc.get('position_embedding_type')!r}; only exact 'gelu' and 'absolute' are supported")
-    pre_norm = kind == "roberta-prelayernorm"
-    skip = hc["pad_token_id"] + 1 if pre_norm else 0  # RoBERTa's rows before the first real position
-    config = BertConfig(
-        vocab_size=hc["vocab_size"], max_position=hc["max_position_embeddings"] - skip, n_layer=hc["num_hidden_layers"],
-        n_head=hc["num_attention_heads"], d_model=hc["hidden_size"], d_ff=hc["intermediate_size"],
-        dropout=hc["hidden_dropout_prob"], attn_dropout=hc["attention_probs_dropout_prob"],
-        ln_eps=hc["layer_norm_eps"], n_segment=hc["type_vocab_size"], pre_norm=pre_norm)
-    model = Bert(config)
-    st, pt = os.path.join(directory, "model.safetensors"), os.path.join(directory, "pytorch_model.bin")
-    if not os.path.exists(st) and not os.path.exists(pt):
-        raise FileNotFoundError(f"{directory} holds neither model.safetensors nor pytorch_model.bin")
-    theirs = read_safetensors(st) if os.path.exists(st) else torch.load(pt, map_location="cpu", weights_only=True)
+    try:
+        kind, act, pos = (hc.get(k, v) for k, v in (("model_type", "bert"), ("hidden_act", "gelu"),
+                                                    ("position_embedding_type", "absolute")))
+        if kind not in ("bert", "roberta-prelayernorm") or act != "gelu" or pos != "absolute":
+            raise ValueError(f"{path}: model_type {kind!r}, hidden_act {act!r}, position_embedding_type {pos!r}; only "
+                             f"'bert' or 'roberta-prelayernorm' with exact 'gelu' and 'absolute' are supported")
+        pre_norm = kind == "roberta-prelayernorm"
+        skip = max(hc["pad_token_id"] + 1, 0) if pre_norm else 0  # RoBERTa's rows before the first real position
+        config = BertConfig(**{ours: hc[theirs] for ours, theirs in HF_FIELDS.items()}, pre_norm=pre_norm,
+                            max_position=hc["max_position_embeddings"] - skip)
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a BERT config.json: {type(e).__name__} {e}") from None
+    theirs = read_safetensors(os.path.join(directory, "model.safetensors"))
     if pre_norm and ROBERTA_POSITIONS in theirs:
         theirs[ROBERTA_POSITIONS] = theirs[ROBERTA_POSITIONS][skip:]
-    ours = _hf_views(model)
-    missing = [k for k in ours if k not in theirs]
-    unexpected = [k for k in theirs if k not in ours and k not in HF_TIED and k not in HF_BUFFERS]
-    untied = [k for k, v in HF_TIED.items() if k in theirs and v in theirs and not torch.equal(theirs[k], theirs[v])]
-    if missing or unexpected or untied:
-        raise ValueError(f"{directory}: weights do not match {hc.get('architectures', [kind])[0]}; missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}, not tied as we tie them {untied[:5]}")
+    check_weights(config, theirs, hf=True)
+    model = Bert(config)
     with torch.no_grad():
-        for name, target in ours.items():
+        for name, target in _hf_views(model).items():
             target.copy_(theirs[name])
     return model
 
@@ -442,10 +515,9 @@ def describe(model: Bert) -> str:
     """One line: layout, depth, width and parameter counts (shared blocks counted once)."""
     c = model.config
     trainable, total = count_parameters(model)
-    layout = "pre-LN" if c.pre_norm else "post-LN"
     share = f", {c.n_layer // c.group_size} shared groups" if c.group_size > 1 else ""
-    return (f"{layout} BERT {c.n_layer} layers x {c.d_model} hidden ({c.n_head} heads, FFN {c.d_ff}{share}): "
-            f"{total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable")
+    return (f"{'pre' if c.pre_norm else 'post'}-LN BERT {c.n_layer} layers x {c.d_model} hidden ({c.n_head} heads, FFN "
+            f"{c.d_ff}{share}): {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable")
 
 
 if __name__ == "__main__":
@@ -458,5 +530,4 @@ if __name__ == "__main__":
     labels[:, 3] = ids[:, 3]
     out = model(ids, mlm_labels=labels, nsp_labels=torch.tensor([0, 1]))
     out.loss.backward()
-    print(f"tiny forward/backward: loss {out.loss.item():.3f} "
-          f"(log V = {math.log(1000):.3f} + log 2 = {math.log(2):.3f})")
+    print(f"forward/backward: loss {out.loss.item():.3f} (log V = {math.log(1000):.3f} + log 2 = {math.log(2):.3f})")

@@ -297,14 +297,34 @@ class Tokenizer:
                 "merges": [list(m) for m in self.merges]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Tokenizer":
-        """A tokenizer from to_dict's state, of this version or v2 (saved before prefix_space: no space)."""
-        if d.get("format") != cls.FORMAT or d.get("version") not in (2, cls.VERSION):
-            raise DataError(f"not a {cls.FORMAT} v2 or v{cls.VERSION} tokenizer: format={d.get('format')!r}, "
-                            f"version={d.get('version')!r}; one of another data.py version must be trained again")
-        if d.get("specials") != SPECIALS:
-            raise DataError("tokenizer was saved with other special tokens; retrain it")
-        return cls(d["merges"], d["lowercase"], d["pretoken_pattern"], d.get("prefix_space", False))
+    def from_dict(cls, d: dict, vocab_size: Optional[int] = None) -> "Tokenizer":
+        """A tokenizer from to_dict's state (a checkpoint's), of this version or v2 (saved before prefix_space: no
+        space), checked (see checked), of `vocab_size` tokens if given."""
+        d = d if isinstance(d, dict) else {"format": type(d).__name__}
+        if d.get("format") != cls.FORMAT or d.get("version") not in (2, cls.VERSION) or d.get("specials") != SPECIALS:
+            raise DataError(f"not a {cls.FORMAT} v2 or v{cls.VERSION} tokenizer with data.py's special tokens: format="
+                            f"{d.get('format')!r}, version={d.get('version')!r}; train one again with this data.py")
+        return cls.checked(*map(d.get, ("merges", "lowercase", "pretoken_pattern", "prefix_space")), vocab_size)
+
+    @classmethod
+    def checked(cls, merges, lowercase, pretoken, prefix_space, vocab_size: Optional[int] = None) -> "Tokenizer":
+        """A tokenizer of parts read from a file (to_dict's state, or a tokenizer.json), each checked before it is
+        used, so that a damaged or foreign file is refused in one DataError line: each merge joins two pieces made
+        before it (ids from 5, the first byte, up to 260 + its rank); the pre-token pattern is a string that compiles;
+        and, given the model's `vocab_size`, the tokenizer has that many tokens. Specials and byte alphabet have
+        fixed ids (0-4, 5-260): from_dict and from_hf check what a file says of them. Keys a file holds beyond
+        these are not read."""
+        try:
+            bad = next((i for i, m in enumerate(merges) if not (isinstance(m, (list, tuple)) and len(m) == 2 and all(
+                type(x) is int and len(SPECIALS) <= x < N_BASE + i for x in m))), None)
+            if bad is not None:
+                raise DataError(f"tokenizer's merge {bad} is {str(merges[bad])[:40]}, not two ids of pieces made "
+                                f"before it ({len(SPECIALS)} to {N_BASE + bad - 1})")
+            if vocab_size is not None and N_BASE + len(merges) != vocab_size:
+                raise DataError(f"tokenizer has {N_BASE + len(merges)} tokens, the model's vocabulary {vocab_size}")
+            return cls(merges, bool(lowercase), pretoken, bool(prefix_space))
+        except (TypeError, re.error) as e:  # merges not a list, a pattern not a string or not one
+            raise DataError(f"tokenizer's merges or pretoken_pattern are not a tokenizer's: {e}") from None
 
     def hash(self) -> str:
         """Short content hash: caches built with another tokenizer are detected by it."""
@@ -316,11 +336,11 @@ class Tokenizer:
         atomic_write(path, lambda f: f.write(json.dumps(d, ensure_ascii=False).encode()))
 
     @classmethod
-    def load(cls, path: str) -> "Tokenizer":
-        """Read a file written by save, or a tokenizer.json written by save_hf."""
+    def load(cls, path: str, vocab_size: Optional[int] = None) -> "Tokenizer":
+        """Read a file written by save, or a tokenizer.json written by save_hf (of `vocab_size` tokens if given)."""
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
-        return cls.from_hf(d) if "model" in d else cls.from_dict(d)
+        return cls.from_hf(d, vocab_size) if isinstance(d, dict) and "model" in d else cls.from_dict(d, vocab_size)
 
     # -- the tokenizers library's tokenizer.json, which transformers' AutoTokenizer loads --------------------
 
@@ -365,17 +385,17 @@ class Tokenizer:
                       "vocab": vocab, "merges": [f"{tokens[a]} {tokens[b]}" for a, b in self.merges]}}
 
     @classmethod
-    def from_hf(cls, d: dict) -> "Tokenizer":
+    def from_hf(cls, d: dict, vocab_size: Optional[int] = None) -> "Tokenizer":
         """Read a tokenizer.json written by to_hf, or saved again by transformers (merges as "a b" or [a, b])."""
         try:
             vocab = d["model"]["vocab"]
             merges = [m.split(" ") if isinstance(m, str) else m for m in d["model"]["merges"]]
             pattern = next(p["pattern"]["Regex"] for p in d["pre_tokenizer"]["pretokenizers"] if p["type"] == "Split")
             kinds = [n["type"] for n in d["normalizer"]["normalizers"]]
-            tok = cls([(vocab[a], vocab[b]) for a, b in merges], "Lowercase" in kinds, pattern, "Prepend" in kinds)
+            parts = [(vocab[a], vocab[b]) for a, b in merges], "Lowercase" in kinds, pattern, "Prepend" in kinds
         except (KeyError, TypeError, ValueError, StopIteration) as e:
-            raise DataError(f"not a tokenizer.json written by data.Tokenizer.save_hf ({type(e).__name__}: {e})") \
-                from None
+            raise DataError(f"not a tokenizer.json of data.Tokenizer.save_hf ({type(e).__name__}: {e})") from None
+        tok = cls.checked(*parts, vocab_size)
         if dict(zip(tok.hf_tokens(), range(tok.vocab_size))) != vocab:
             raise DataError("tokenizer.json's ids are not data.Tokenizer's layout (specials 0-4, bytes 5-260, "
                             "then one id per merge in rank order)")
@@ -521,9 +541,7 @@ def _file_format(path: str, head: bytes, layout: str) -> str:
     text = head.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
     lines = [l.strip() for l in text.split("\n")]
     first = next((l for l in lines if l), "")
-    if path.endswith(".raw") or WIKI_TITLE.match(first):
-        return "wikitext"
-    return _text_layout(lines, layout)
+    return "wikitext" if path.endswith(".raw") or WIKI_TITLE.match(first) else _text_layout(lines, layout)
 
 
 def _last_boundary(buf: bytes, fmt: str) -> int:
@@ -595,12 +613,10 @@ def _paragraph_documents(chunk: Chunk, decode_errors: str) -> list:
     if chunk.fmt == "book":
         return [(chunk.line, "\n".join(lines).split("\n\n"))]
     for n, line in enumerate(lines, chunk.line):
-        if chunk.fmt == "wikitext" and WIKI_TITLE.match(line):  # a title starts an article
+        title = chunk.fmt == "wikitext" and WIKI_TITLE.match(line)
+        if title or chunk.fmt == "lines" and not line:  # a title starts an article, a blank line ends a document
             docs.append((start, current))
-            start, current = n, []
-        elif chunk.fmt == "lines" and not line:  # a blank line ends a document
-            docs.append((start, current))
-            start, current = n + 1, []
+            start, current = n if title else n + 1, []
         elif line and not (chunk.fmt == "wikitext" and WIKI_HEADING.match(line)):
             current.append(line)
     docs.append((start, current))
@@ -614,11 +630,9 @@ def chunk_documents(chunk: Chunk, decode_errors: str = "strict") -> tuple:
     report = Counter(documents=0, sentences=0, skipped_short_documents=0)
     if chunk.opens_file:
         report[f"files_{chunk.fmt}"] += 1
-    if chunk.docs is not None:
-        found = [(chunk.line + i, d) for i, d in enumerate(chunk.docs)]
-    else:
-        found = [(n, [s for p in paragraphs for s in split_sentences(p)])
-                 for n, paragraphs in _paragraph_documents(chunk, decode_errors)]
+    found = [(chunk.line + i, d) for i, d in enumerate(chunk.docs)] if chunk.docs is not None else \
+        [(n, [s for p in paragraphs for s in split_sentences(p)])
+         for n, paragraphs in _paragraph_documents(chunk, decode_errors)]
     docs = []
     for n, sentences in found:
         if len(sentences) < 2:
@@ -774,8 +788,7 @@ def _load_cache(cache_dir: str, key) -> tuple:
             not os.path.exists(p) or os.path.getsize(p) != header["sizes"].get(n) for n, p in paths.items()):
         return None
     arrays = {name: np.load(p, mmap_mode="r") for name, p in paths.items()}
-    splits = [Split(*(arrays[f"{s}.{a}"] for a in SPLIT_ARRAYS)) for s in ("train", "valid")]
-    return tok, splits, header
+    return tok, [Split(*(arrays[f"{s}.{a}"] for a in SPLIT_ARRAYS)) for s in ("train", "valid")], header
 
 
 # Building the cache: two streaming passes over the corpus, in chunks of whole documents, in worker processes.
@@ -1086,10 +1099,7 @@ def _build_cache(cfg: DataConfig, key: dict, progress):
     header_path = os.path.join(cfg.cache_dir, "header.json")
     if os.path.exists(header_path):
         os.remove(header_path)
-    own = {"header.json", "tokenizer.json"} | {f"{s}.{a}.npy" for s in ("train", "valid") for a in SPLIT_ARRAYS}
-    for name in os.listdir(cfg.cache_dir):  # temporaries of a build that was killed
-        if name.split(".tmp")[0] in own and ".tmp" in name:
-            os.remove(os.path.join(cfg.cache_dir, name))
+    remove_stale_temporaries(cfg.cache_dir)  # of a build that was killed
     total, chunks = _corpus(cfg)
     workers = worker_count(cfg.workers, total)
     progress(f"  {total / 1e6:,.1f} MB of input, {workers} worker process{'es' if workers > 1 else ''}")
@@ -1132,11 +1142,11 @@ def prepare(cfg: DataConfig, progress=print) -> Prepared:
     (file contents, tokenizer, settings), else rebuilt there. Arrays are memory-mapped, not loaded."""
     if cfg.seq_len < 8:
         raise DataError(f"seq_len={cfg.seq_len} is too short: [CLS] A [SEP] B [SEP] needs at least 8")
-    if cfg.decode_errors not in ("strict", "replace") or cfg.layout not in ("auto", "lines", "book"):
-        raise DataError(f"decode_errors={cfg.decode_errors!r} (strict|replace), "
-                        f"layout={cfg.layout!r} (auto|lines|book)")
-    if cfg.workers < 0:
-        raise DataError(f"workers={cfg.workers}: give a number of processes, or 0 for every core")
+    if cfg.decode_errors not in ("strict", "replace") or cfg.layout not in ("auto", "lines", "book") or \
+            cfg.workers < 0 or cfg.max_pretokens < 1 or not 0 < cfg.valid_fraction < 1:  # data.py's flags too
+        raise DataError(f"decode_errors={cfg.decode_errors!r} (strict|replace), layout={cfg.layout!r} (auto|lines|"
+                        f"book), workers={cfg.workers} (0: every core, or more), max_pretokens={cfg.max_pretokens} "
+                        f"(1 or more), valid_fraction={cfg.valid_fraction} (in (0, 1))")
     if not cfg.tokenizer:
         check_vocab_size(cfg.vocab_size)
     key = _fingerprint(cfg)
@@ -1186,6 +1196,29 @@ def pid_lock(path: str, busy):
         f.write(str(os.getpid()))
         f.flush()
         yield
+
+
+TEMPORARY = re.compile(r".+\.tmp(\d+)")  # bert.atomic_write's temporary, named after its process id
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str) -> list:
+    """Delete the temporaries that processes killed mid-write (kill -9, power loss) left in `folder` (a run folder
+    at start, the token cache before a build); return their names. A live process's temporary is left alone."""
+    matches = [TEMPORARY.fullmatch(n) for n in sorted(os.listdir(folder))]
+    stale = [m.group(0) for m in matches if m and not process_alive(int(m.group(1)))]
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    return stale
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1349,7 +1382,8 @@ if __name__ == "__main__":
                    help="non-UTF-8 bytes: 'strict' stops with the file and offset, 'replace' decodes them as U+FFFD")
     p.add_argument("--synthetic-docs", type=int, default=2000, help="documents in the synthetic corpus")
     # tokenizer and cache
-    p.add_argument("--out", default="runs/data", help="cache folder (tokenizer.json, token arrays, header.json)")
+    p.add_argument("--out", dest="cache_dir", metavar="OUT", default="runs/data",
+                   help="cache folder (tokenizer.json, token arrays, header.json)")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size incl. 261 base tokens")
     p.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True, help="lower-case text first")
     p.add_argument("--tokenizer", default="", help="use this saved tokenizer.json instead of training one")
@@ -1362,16 +1396,7 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus, the split and the sample batch")
     p.add_argument("--valid-fraction", type=float, default=1 / 200, help="share of documents for validation")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per example in the sample batch")
-    args = p.parse_args()
-    if not 0 < args.valid_fraction < 1:
-        p.error(f"--valid-fraction must be in (0, 1), got {args.valid_fraction}")
-    if args.workers < 0 or args.max_pretokens < 1:
-        p.error(f"--workers must be >= 0 (got {args.workers}), --max-pretokens >= 1 (got {args.max_pretokens})")
-
-    cfg = DataConfig(corpus=args.corpus, cache_dir=args.out, vocab_size=args.vocab_size, lowercase=args.lowercase,
-                     seed=args.seed, seq_len=args.seq_len, valid_fraction=args.valid_fraction, tokenizer=args.tokenizer,
-                     decode_errors=args.decode_errors, layout=args.layout, synthetic_docs=args.synthetic_docs,
-                     max_pretokens=args.max_pretokens, workers=args.workers)
+    cfg = DataConfig(**vars(p.parse_args()))  # a flag per field, checked by prepare
     try:
         prep = prepare(cfg)
     except DataError as e:
@@ -1379,7 +1404,7 @@ if __name__ == "__main__":
     except OSError as e:  # e.g. an --out that cannot be written
         raise SystemExit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
     except KeyboardInterrupt:
-        raise SystemExit(f"interrupted: the cache in {args.out} is unfinished; the same command builds it again")
+        raise SystemExit(f"interrupted: the cache in {cfg.cache_dir} is unfinished; the same command builds it again")
     print(f"report: {json.dumps(prep.report)}")
     for name, split in (("train", prep.train), ("valid", prep.valid)):
         print(f"{name}: {split.num_docs:,} docs, {split.num_sentences:,} sentences, {split.num_tokens:,} tokens")

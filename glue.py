@@ -37,9 +37,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bert
 from data import DataError, HelpFormatter, Tokenizer, bert_input, truncate_lengths
-from train import (Dist, adamw, all_reduce_mean, autocast, default_dtype, first_line, fmt_time, launch_rank,
-                   locked_folder, param_groups, print0, require_shared, setup_distributed, unreadable, use_tf32,
-                   warmup_then_decay)
+from train import (Dist, adamw, all_reduce_mean, autocast, default_dtype, fmt_time, launch_rank, locked_folder,
+                   model_from_checkpoint, param_groups, print0, read_checkpoint, require_shared, setup_distributed,
+                   use_tf32, warmup_then_decay)
 
 DEFAULT_GLUE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "glue")
 
@@ -137,10 +137,8 @@ def read_tsv(task: Task, path: str, layout: Layout, skip_bad_rows: bool = False)
         raise GlueError(f"{path} not found; --glue-dir must be the folder download_glue_data.py wrote "
                         f"(with CoLA/, SST-2/, ... inside)")
     with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = f.read().split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline (CoLA's dev.tsv has none)
-    if not lines:
+        lines = f.read().removesuffix("\n").split("\n")  # the final newline (CoLA's dev.tsv has none)
+    if lines == [""]:
         raise GlueError(f"{path} is empty; --glue-dir must hold the files download_glue_data.py wrote")
     n_fields = len(lines[0].rstrip("\r").split("\t")) if layout.header else layout.n_fields
     examples, skipped = [], 0
@@ -292,24 +290,22 @@ def encode(examples: list, tok: Tokenizer, max_len: int, regression: bool) -> En
         len_a, len_b = truncate_lengths(len(a), len(b), max_len - (3 if e.text_b is not None else 2))
         ids.append(bert_input(a[:len_a], b[:len_b] if e.text_b is not None else None)[0].tolist())
         n_first.append(len_a + 2)  # [CLS] A [SEP]
-    labels = None
-    if examples and examples[0].label is not None:
-        labels = torch.tensor([e.label for e in examples], dtype=torch.float32 if regression else torch.long)
+    labels = torch.tensor([e.label for e in examples], dtype=torch.float32 if regression else torch.long) \
+        if examples and examples[0].label is not None else None
     return Encoded(ids, n_first, labels, [e.index for e in examples])
 
 
 def collate(enc: Encoded, rows: list, pad_id: int, device) -> tuple:
-    """(input_ids, token_type_ids, attention_mask), each (B, T) padded to the longest row in the batch."""
+    """(input_ids, token_type_ids, attention_mask), each (B, T) padded to the longest row in the batch. The mask
+    is 1 where a token is not padding: an encoded text never holds the padding id (a special)."""
     T = max(len(enc.ids[i]) for i in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     segments = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
     for r, i in enumerate(rows):
         n = len(enc.ids[i])
         ids[r, :n] = torch.tensor(enc.ids[i])
         segments[r, enc.n_first[i]:n] = 1
-        mask[r, :n] = 1
-    return ids.to(device), segments.to(device), mask.to(device)
+    return ids.to(device), segments.to(device), (ids != pad_id).long().to(device)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, ranks: Dist):
@@ -363,28 +359,6 @@ class Backbone:
         return model
 
 
-def backbone_parts(path: str, ckpt) -> tuple:
-    """(config, weights, tokenizer) of a loaded train.py checkpoint, checked to fit one another."""
-    if not isinstance(ckpt, dict):
-        raise GlueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint; fine-tuning needs a checkpoint "
-                        f"written by train.py, or a HuggingFace folder with --tokenizer")
-    missing = [k for k in ("model", "config", "tokenizer") if k not in ckpt]
-    if missing:
-        raise GlueError(f"{path} lacks {', '.join(missing)} (has {', '.join(sorted(map(str, ckpt)))}); fine-tuning "
-                        f"needs a checkpoint written by train.py, or a HuggingFace folder with --tokenizer")
-    try:
-        config = bert.BertConfig(**ckpt["config"])
-        with torch.device("meta"):  # names and shapes only: no memory, no initialisation
-            shapes = {k: v.to("meta") for k, v in ckpt["model"].items()}
-            result = bert.Bert(config).load_state_dict(shapes, strict=False)
-    except (TypeError, ValueError, RuntimeError, AttributeError) as e:
-        raise GlueError(f"{path}: weights do not fit its config ({first_line(e)})") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise GlueError(f"{path}: weights do not fit its config; missing {result.missing_keys[:5]}, "
-                        f"unexpected {result.unexpected_keys[:5]}")
-    return config, ckpt["model"], Tokenizer.from_dict(ckpt["tokenizer"])
-
-
 def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional[str] = None,
                   max_seq_len: int = 0) -> Backbone:
     """A train.py checkpoint (dict with model, config, tokenizer) or a HuggingFace folder with our tokenizer:
@@ -397,26 +371,18 @@ def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional
             raise GlueError(f"{path} is a HuggingFace folder without our tokenizer; pass --tokenizer FILE (the "
                             f"tokenizer.json of train.py --export-hf, or a JSON file written by data.Tokenizer.save)")
         try:
-            model, tok = bert.load_hf(path), Tokenizer.load(tokenizer_path)
-        except (OSError, KeyError, ValueError) as e:
+            model = bert.load_hf(path)
+            tok = Tokenizer.load(tokenizer_path, model.config.vocab_size)
+        except (OSError, ValueError) as e:
             raise GlueError(f"{path}: not a folder that bert.load_hf and data.Tokenizer.load read "
                             f"({type(e).__name__}: {e})") from None
-        config, state = model.config, model.state_dict()
-    else:
-        if not os.path.exists(path):
-            raise GlueError(f"checkpoint {path} not found")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise GlueError(f"{unreadable(path, e)}; if it was copied, e.g. by an interrupted copy, copy it again, "
-                            f"or give another checkpoint")
-        config, state, tok = backbone_parts(path, ckpt)
-    if tok.vocab_size > config.vocab_size:
-        raise GlueError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}")
-    if max_seq_len > config.max_position:
-        raise GlueError(f"--max-seq-len {max_seq_len} exceeds the model's max_position {config.max_position}")
+    else:  # train.py's checked loading, with its one-line errors
+        advice = "Give a checkpoint of train.py (if a copy is damaged, copy it again) or a HuggingFace folder."
+        model, tok = model_from_checkpoint(read_checkpoint(path, advice=advice), path, advice)
+    if max_seq_len > model.config.max_position:
+        raise GlueError(f"--max-seq-len {max_seq_len} exceeds the model's max_position {model.config.max_position}")
     name = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
-    return Backbone(config, None if random_init else state, tok,
+    return Backbone(model.config, None if random_init else model.state_dict(), tok,
                     name + (" (random init)" if random_init else ""), os.path.abspath(path))
 
 
@@ -503,8 +469,7 @@ def fit(model: nn.Module, enc: Encoded, lr: float, seed: int, cfg: FinetuneConfi
     wrapped = DDP(model, device_ids=[ranks.local_rank] if device.type == "cuda" else None) if ranks.world > 1 else model
     optimizer = adamw(param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6)
     per_epoch = sum(1 for _ in epoch_batches(len(enc.ids), cfg.batch_size, seed, 0, ranks))
-    total = epochs * per_epoch
-    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    total = min(epochs * per_epoch, cfg.max_steps or math.inf)
     n_warm = max(1, int(cfg.warmup * total))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_then_decay(s, n_warm, total))
     step, t0, window = 0, time.time(), []
@@ -600,9 +565,7 @@ def encode_task(task: Task, backbone: Backbone, glue_dir: str, cfg: FinetuneConf
     if n and n < len(train_set):  # the same subset for every run
         train_set = [train_set[i] for i in sorted(np.random.default_rng(0).permutation(len(train_set))[:n])]
 
-    def enc(examples):
-        return encode(examples, backbone.tokenizer, cfg.max_seq_len, regression=task.labels is None)
-
+    enc = lambda examples: encode(examples, backbone.tokenizer, cfg.max_seq_len, regression=task.labels is None)
     return {"train": enc(train_set), "dev": {k: enc(v) for k, v in raw.dev.items()},
             "test": {k: enc(v) for k, v in raw.test.items()}}
 
@@ -617,8 +580,7 @@ def run_grid(name: str, settings: dict, out: str, cfg: FinetuneConfig, ranks: Di
         if r["settings"] != settings:
             diffs = [f"{k}: saved {r['settings'].get(k)!r}, now {v!r}" for k, v in settings.items()
                      if r["settings"].get(k) != v]
-            raise GlueError(f"{out} holds {name} runs made with other settings ({'; '.join(diffs)}); "
-                            f"use another --out")
+            raise GlueError(f"{out} holds {name} runs made with other settings ({'; '.join(diffs)}); use another --out")
     finished = {(r["lr"], r["seed"]) for r in done}
     todo = [(lr, seed) for lr in cfg.lrs for seed in cfg.seeds if (lr, seed) not in finished]
     n_done = len(cfg.lrs) * len(cfg.seeds) - len(todo)
@@ -692,8 +654,7 @@ def parse_args(argv=None) -> tuple:
     g = p.add_argument_group("data")
     g.add_argument("--task", nargs="+", default=["RTE"], help=f"tasks among {', '.join(TASKS)}, or 'all' present")
     g.add_argument("--glue-dir", default=DEFAULT_GLUE_DIR, help="folder with one sub-folder per task")
-    g.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len,
-                   help="tokens per example, specials included")
+    g.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len, help="tokens per example with specials")
     g.add_argument("--max-train-examples", type=int, help="fine-tune on a fixed random subset of this size")
     g.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of failing")
     g = add_finetune_flags(p, defaults)
@@ -743,10 +704,9 @@ def add_finetune_flags(p: argparse.ArgumentParser, defaults: FinetuneConfig):
 def finetune_config(p: argparse.ArgumentParser, a, cls, **more) -> FinetuneConfig:
     """A FinetuneConfig (or squad.py's subclass, `cls`) of the parsed flags, after argparse's one-line error
     for a value out of range."""
-    if a.batch_size < 1 or a.max_seq_len < 3 or not 0 <= a.warmup < 1:
-        p.error("need --batch-size >= 1, --max-seq-len >= 3 and 0 <= --warmup < 1")
-    if not all(0 < lr < math.inf for lr in a.lrs) or not 0 <= a.weight_decay < math.inf:
-        p.error("need every --lrs value positive and --weight-decay >= 0")
+    if a.batch_size < 1 or a.max_seq_len < 3 or not 0 <= a.warmup < 1 or not 0 <= a.weight_decay < math.inf or \
+            not all(0 < lr < math.inf for lr in a.lrs):
+        p.error("need --batch-size >= 1, --max-seq-len >= 3, 0 <= --warmup < 1, --weight-decay >= 0, every --lrs > 0")
     if any(v is not None and v < 1 for v in (a.epochs, a.max_steps, a.max_train_examples)) or a.log_every < 1:
         p.error("need --epochs, --max-steps, --max-train-examples and --log-every >= 1")
     if a.device == "cuda" and not torch.cuda.is_available():

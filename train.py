@@ -323,7 +323,7 @@ class Trainer:
         from the latest checkpoint. Rank 0 first clears temporaries that killed processes left."""
         if self.d.master:
             os.makedirs(self.out, exist_ok=True)
-            for name in remove_stale_temporaries(self.out):
+            for name in data.remove_stale_temporaries(self.out):
                 self.print(f"removed {os.path.join(self.out, name)}, left by a process killed while writing it")
         if self.cfg.resume and os.path.exists(self.checkpoint_path):
             self.restore(load_checkpoint(self.checkpoint_path, advice=ways_on(self.out)))
@@ -355,7 +355,7 @@ class Trainer:
                              f"--cache-dir {self.cfg.cache_dir} for --corpus {self.cfg.corpus or '(synthetic)'}; "
                              f"resume with the run's own corpus and cache (leave both flags out); a run begun before "
                              f"tokenizer v3 (a space before each sentence) with the project version that began it")
-        model = model_from_checkpoint(ckpt, path, ways_on(self.out))
+        model, _ = model_from_checkpoint(ckpt, path, ways_on(self.out))
         stack.set_trainable(model, self.schedule.stages[ckpt["stage"]].trainable_top)
         self.set_model(model, ckpt["stage"], ckpt["step"])
         try:
@@ -391,9 +391,8 @@ class Trainer:
         self.overhead += time.perf_counter() - t0
 
     def last_good_text(self) -> str:
-        if self.last_good is None:
-            return "no checkpoint was written yet"
-        return f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})"
+        path, step = self.last_good or (None, None)
+        return f"the last good checkpoint is {path} (step {step})" if path else "no checkpoint was written yet"
 
     # -- compiling, validation, logging, stopping ----------------------------------------------------------
 
@@ -508,19 +507,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """A fresh optimizer over the trainable parameters: zero moments, step 0 (the papers' reset)."""
-    groups = param_groups(model, cfg.weight_decay)
-    betas = (cfg.beta1, cfg.beta2)
-    if cfg.optimizer == "lamb":
-        return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
-    return adamw(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    make = Lamb if cfg.optimizer == "lamb" else adamw
+    return make(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def warmup_then_decay(step: int, warmup: int, total: int) -> float:
     """The multiplier of the peak learning rate at `step` (from 0): linear warm-up over `warmup` steps, the
     first step at 1 / warmup, then linear decay to 0 at `total` (BERT's schedule; pre-training and glue.py)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+    return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
 
 
 def get_lr(step: int, cfg: TrainConfig, stage_start: int) -> float:
@@ -899,26 +893,27 @@ def os_error_of(e: Optional[BaseException]) -> Optional[OSError]:
     return e
 
 
-def unreadable(path: str, e: Exception) -> str:
-    """Why torch.load(weights_only=True) refused `path`, in one line. A file that needs Python objects other
-    than tensors and plain values is never loaded: unpickling them could run code."""
-    unsafe = re.search(r"GLOBAL ([\w.]+)", str(e), re.IGNORECASE)
-    if unsafe:
-        return (f"{path} holds Python objects other than tensors and plain values ({unsafe.group(1)}); "
-                f"it is not loaded, because unpickling them could run code")
-    return f"{path} is not a readable checkpoint: truncated, corrupt or not a torch file ({type(e).__name__})"
-
-
-def load_checkpoint(path: str, mmap: bool = False, advice: str = "") -> dict:
-    """Read a checkpoint without running code from it; a one-line error for a missing, corrupt, foreign or
-    incomplete file, ending with `advice` (how to go on). `mmap` maps the file instead of reading it: cheap
-    when only the plain values are wanted."""
+def read_checkpoint(path: str, mmap: bool = False, advice: str = ""):
+    """What torch.load(weights_only=True) reads from `path`, run by no code from it: a file that needs Python
+    objects other than tensors and plain values is never loaded, as unpickling them could run code. A missing
+    or unreadable file ends in one line, with `advice` (how to go on). `mmap` maps the file instead of reading
+    it: cheap when only the plain values are wanted."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        raise SystemExit(f"error: {unreadable(path, e)}. {advice}".rstrip())
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e), re.IGNORECASE)
+        why = (f"holds Python objects other than tensors and plain values ({unsafe[1]}); it is not loaded, because "
+               f"unpickling them could run code" if unsafe else f"is not a readable checkpoint: truncated, corrupt "
+               f"or not a torch file ({type(e).__name__})")
+        raise SystemExit(f"error: {path} {why}. {advice}".rstrip())
+
+
+def load_checkpoint(path: str, mmap: bool = False, advice: str = "") -> dict:
+    """A checkpoint train.py wrote, read by read_checkpoint; a one-line error for a foreign or incomplete file,
+    ending with `advice` (how to go on)."""
+    ckpt = read_checkpoint(path, mmap, advice)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"error: {path} is not a checkpoint written by train.py")
     if ckpt.get("version") != CHECKPOINT_VERSION:
@@ -934,22 +929,30 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def model_from_checkpoint(ckpt: dict, path: str, advice: str = "") -> bert.Bert:
-    """The model a checkpoint accepted by load_checkpoint holds; one line naming the file (and `advice`) when
-    its weights do not fit its config."""
+def model_from_checkpoint(ckpt, path: str, advice: str = "") -> tuple:
+    """(model, tokenizer) of a dict with a checkpoint's "config", "model" and "tokenizer", as every loader of a
+    checkpoint gets them (train.py --resume and --export-hf, glue.py, squad.py, experiments/). Nothing is built
+    before the config is checked against the weights (bert.check_weights) and the tokenizer on its own and
+    against the model's vocabulary (data.Tokenizer.from_dict); one line naming the file (and `advice`) when
+    they do not fit, or when `ckpt` is no such dict."""
+    if not isinstance(ckpt, dict) or not {"config", "model", "tokenizer"} <= ckpt.keys():
+        what = f"dict of {', '.join(sorted(map(str, ckpt)))}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise SystemExit(f"error: {path} holds a {what}, not a checkpoint written by train.py. {advice}".rstrip())
     try:
-        model = bert.Bert(bert.BertConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        raise SystemExit(f"error: {path}: its weights do not fit its config ({first_line(e)}). {advice}".rstrip())
-    return model
+        config = bert.BertConfig(**ckpt["config"])  # TypeError: not a dict, or with keys that are no field
+        bert.check_weights(config, ckpt["model"])
+        tok = data.Tokenizer.from_dict(ckpt["tokenizer"], config.vocab_size)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: {path}: {first_line(e)}. {advice}".rstrip())
+    model = bert.Bert(config)
+    model.load_state_dict(ckpt["model"])
+    return model, tok
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The run folder: one process at a time, and a run's files are never lost by accident.
 
 RUN_FILE = re.compile(r"checkpoint\.pt|log\.jsonl|stage\d+_end\.pt|val_loss\.svg")  # what a run leaves
-TEMPORARY = re.compile(r".+\.tmp(\d+)")  # bert.atomic_write's temporary, named after its process id
 
 
 def run_dir(cfg: TrainConfig) -> str:
@@ -1008,24 +1011,6 @@ def locked_folder(folder: str, flag: str = "--out"):
                 os.rmdir(folder)
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder: str) -> list:
-    """Delete the temporaries that processes killed mid-write (kill -9, power loss) left in `folder`;
-    return their names. A live process's temporary is left alone."""
-    matches = [TEMPORARY.fullmatch(n) for n in sorted(os.listdir(folder))]
-    stale = [m.group(0) for m in matches if m and not process_alive(int(m.group(1)))]
-    for name in stale:
-        os.remove(os.path.join(folder, name))
-    return stale
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1177,8 +1162,7 @@ def svg_plot(series: dict, path: str, xlabel: str, ylabel: str, title: str, hlin
            f'font-size="12">', f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{(W - R + L) / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>',
            f'<rect x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}" fill="none" stroke="#444"/>']
-    for xv in nice_ticks(x0, x1):
-        out.append(f'<text x="{sx(xv):.1f}" y="{H - B + 18}" text-anchor="middle">{xv:g}</text>')
+    out += [f'<text x="{sx(xv):.1f}" y="{H - B + 18}" text-anchor="middle">{xv:g}</text>' for xv in nice_ticks(x0, x1)]
     for yv in nice_ticks(y0, y1):
         out.append(f'<text x="{L - 6}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:g}</text>')
         out.append(line(L, W - R, sy(yv), sy(yv), 'stroke="#eee"'))
@@ -1240,16 +1224,13 @@ def export_hf(checkpoint: str, out_dir: str):
     """Write a checkpoint train.py wrote (checkpoint.pt or stage<i>_end.pt, either layout) as a folder that
     transformers' AutoModelForMaskedLM, AutoTokenizer and pipeline("fill-mask") load: config.json and
     model.safetensors (bert.save_hf), tokenizer.json and its two config files (data.Tokenizer.save_hf)."""
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt, checkpoint)
+    model, tok = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
     try:
-        tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
         bert.save_hf(model, out_dir)
         tok.save_hf(out_dir, model.config.max_position)
     except (data.DataError, OSError) as e:
         raise SystemExit(f"error: --export-hf {out_dir} --checkpoint {checkpoint}: {e}")
-    kind = ("RobertaPreLayerNormForMaskedLM (pooler and NSP head left out)" if model.config.pre_norm
-            else "BertForPreTraining")
+    kind = "RobertaPreLayerNormForMaskedLM (no pooler, no NSP head)" if model.config.pre_norm else "BertForPreTraining"
     print(f"wrote {out_dir}: {bert.describe(model)} as {kind}; tokenizer of {tok.vocab_size} tokens")
 
 
@@ -1340,8 +1321,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="continue from <out>/checkpoint.pt; flags not given take the checkpoint's values")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if <out> holds a run")
-    g.add_argument("--stop-after", type=int, default=d.stop_after,
-                   help="stop with a checkpoint after this step (0 = never)")
+    g.add_argument("--stop-after", type=int, default=d.stop_after, help="save and stop after this step (0 = never)")
     return p
 
 
@@ -1353,14 +1333,7 @@ def finish_config(cfg: TrainConfig, world: int) -> TrainConfig:
     """Fill defaults that depend on the machine, and check flags together; fail fast naming them."""
     device = device_of(cfg)
     cfg = dataclasses.replace(cfg, device=device, dtype=cfg.dtype or default_dtype(device), out=run_dir(cfg))
-    errors = flag_errors(cfg)
-    if device == "cuda" and not torch.cuda.is_available():
-        errors.append("--device cuda: no CUDA device is available")
-    micro = cfg.micro_batch or cfg.batch_size // world
-    if micro < 1 or cfg.batch_size % (world * micro):
-        errors.append(f"--batch-size {cfg.batch_size} is not divisible by world size {world} x --micro-batch {micro}")
-    if cfg.warmup >= cfg.steps:
-        errors.append(f"--warmup {cfg.warmup} must be smaller than --steps {cfg.steps}")
+    errors = flag_errors(cfg, world)
     if cfg.resume and cfg.overwrite:
         errors.append("--resume and --overwrite contradict each other")
     if cfg.method in ("identity", "identity-noise") and not cfg.pre_norm and not cfg.schedule:
@@ -1378,18 +1351,22 @@ def finish_config(cfg: TrainConfig, world: int) -> TrainConfig:
     return cfg
 
 
-def flag_errors(cfg: TrainConfig) -> list:
-    """Each flag outside its range, as "--flag value: must be ..." (NaN fails every comparison, so it is
-    refused wherever a number is)."""
+def flag_errors(cfg: TrainConfig, world: int) -> list:
+    """Each flag outside its range, alone or with the others and the `world` size, as "--flag value: must be ..."
+    (NaN fails every comparison, so it is refused wherever a number is)."""
+    micro = cfg.micro_batch or cfg.batch_size // world
     rules = [("dropout", 0 <= cfg.dropout < 1, "in [0, 1)"), ("steps", cfg.steps >= 1, "positive"),
              ("k", cfg.k >= 1, "positive"),
              ("vocab_size", cfg.vocab_size >= data.N_BASE, f"at least {data.N_BASE} (5 specials + 256 bytes)"),
-             ("seq_len", 8 <= cfg.seq_len <= 512, "between 8 and 512"), ("batch_size", cfg.batch_size >= 1, "positive"),
+             ("seq_len", 8 <= cfg.seq_len <= 512, "between 8 and 512"),
+             ("batch_size", cfg.batch_size >= 1 and micro >= 1 and cfg.batch_size % (world * micro) == 0,
+              f"positive and divisible by the world size {world} x --micro-batch {micro}"),
              ("long_seq_len", not cfg.long_seq_len or cfg.seq_len < cfg.long_seq_len <= 512, "0 or (--seq-len, 512]"),
              ("long_fraction", 0 < cfg.long_fraction < 1, "in (0, 1)"),
              ("micro_batch", cfg.micro_batch >= 0, "0 (batch / world size) or positive"),
              ("data_seed", cfg.data_seed >= 0, "0 or positive"), ("seed", cfg.seed >= 0, "0 or positive"),
-             ("lr", 0 < cfg.lr < math.inf, "a positive number"), ("warmup", cfg.warmup >= 0, "0 or positive"),
+             ("lr", 0 < cfg.lr < math.inf, "a positive number"),
+             ("warmup", 0 <= cfg.warmup < cfg.steps, f"0 or positive, below --steps {cfg.steps}"),
              ("weight_decay", 0 <= cfg.weight_decay < math.inf, "0 or a positive number"),
              ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
              ("eps", 0 < cfg.eps < math.inf, "a positive number"),
@@ -1399,7 +1376,8 @@ def flag_errors(cfg: TrainConfig) -> list:
              ("save_every", cfg.save_every >= 1, "positive"),
              ("stop_after", cfg.stop_after >= 0, "0 (never) or positive"),
              ("decode_errors", cfg.decode_errors in ("strict", "replace"), "strict or replace"),
-             ("workers", cfg.workers >= 0, "0 (every core) or positive")]
+             ("workers", cfg.workers >= 0, "0 (every core) or positive"),
+             ("device", cfg.device != "cuda" or torch.cuda.is_available(), "cpu: no CUDA device is available")]
     return [f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {need}" for name, ok, need in rules if not ok]
 
 
@@ -1436,12 +1414,11 @@ def run_training(argv=None) -> int:
     if plot:
         plot_runs(plot, os.path.join(cfg.out or ".", "val_loss.svg"))
         return 0
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    lock = locked_folder(run_dir(cfg)) if launch_rank() == 0 else contextlib.nullcontext()
-    with lock:  # before anything is read there
+    # rank 0 locks the run folder before anything is read there
+    with locked_folder(run_dir(cfg)) if launch_rank() == 0 else contextlib.nullcontext():
         d = setup_distributed(device_of(cfg))
         require_shared(d, run_dir(cfg), "--out")  # before any rank reads a checkpoint there
-        cfg = finish_config(resumed_config(cfg, given, restarted_by_torchrun(d)), world)
+        cfg = finish_config(resumed_config(cfg, given, restarted_by_torchrun(d)), d.world)
         check_run_folder(cfg)
         trainer = Trainer(cfg, d)
         trainer.start()

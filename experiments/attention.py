@@ -38,8 +38,8 @@ SENTENCE_B = "he sat by the water and watched the boats come in."
 
 def load_model(path: str):
     """(model in eval mode, tokenizer) of a train.py checkpoint."""
-    ckpt = train.load_checkpoint(path)
-    return train.model_from_checkpoint(ckpt, path).eval(), data.Tokenizer.from_dict(ckpt["tokenizer"])
+    model, tok = train.model_from_checkpoint(train.load_checkpoint(path), path)
+    return model.eval(), tok
 
 
 def encode_pair(tok, a: str, b: str):
