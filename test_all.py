@@ -1870,6 +1870,10 @@ def test_plots_mark_each_switch_on_its_run_curve(tmp_path, run_cache):
     assert len(curves) == 2 and [m[:2] for m in marks] == curves[0][:2]  # the baseline never grew: no mark
     assert [train.growth_label(*g) for g in [("mslt", 3, 6), ("retrain", 12, 12), ("stack", 6, 12)]] == \
         ["+3 mslt", "retrain", "6\u219212 stack"]
+    same, pts = tmp_path / "same.svg", [(0, 1.0), (1, 0.5)]  # two runs that grew at one point
+    train.svg_plot({"a": pts, "b": pts}, str(same), "x", "y", "t", marks={n: [(1, 0.5, "3\u21926 stack")] for n in "ab"})
+    rows = re.findall(r'<text x="[\d.]+" y="([\d.]+)" fill="[^"]+" font-size="10">', same.read_text())
+    assert len(rows) == 2 and abs(float(rows[0]) - float(rows[1])) >= 11  # their labels in two rows, not overprinted
 
 
 def test_a_long_sequence_phase_keeps_model_and_optimizer_and_resumes_exactly(tmp_path, run_cache, one_thread):

@@ -1144,15 +1144,24 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list:
     return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
+def free_row(x: float, y: float, width: float, taken: list) -> float:
+    """The row nearest y (rows 11 px apart, alternately above and below) where a label of this width at x overlaps
+    none of the labels taken, which it then joins: where several runs grow at one point, their labels stack in
+    rows instead of printing over each other."""
+    free = lambda v: not any(abs(v - ty) < 11 and x < tx + tw and tx < x + width for tx, ty, tw in taken)
+    y = next((y + d for n in range(40) for d in (-11 * n, 11 * n) if free(y + d)), y)
+    taken.append((x, y, width))
+    return y
+
+
 def svg_plot(series: dict, path: str, xlabel: str, ylabel: str, title: str, hline: Optional[tuple] = None,
              marks: Optional[dict] = None):
     """Write a line plot as SVG with no plotting library. series: {label: [(x, y), ...]};
     hline: optional (y, label) reference line, e.g. the corpus's unigram entropy; marks: {label: [(x, y, text),
     ...]}, points marked on a series' curve in its colour, e.g. where the run grew (switch_marks)."""
     W, H, L, R, T, B = 720, 440, 70, 190, 40, 55  # canvas and margins
-    pts = [p for s in series.values() for p in s]
-    ys = [y for _, y in pts] + ([hline[0]] if hline else [])
-    x0, x1 = 0.0, max(x for x, _ in pts) or 1.0
+    ys = [y for s in series.values() for _, y in s] + ([hline[0]] if hline else [])
+    x0, x1 = 0.0, max(x for s in series.values() for x, _ in s) or 1.0
     y0, y1 = min(ys), max(ys)
     y0, y1 = (y0 - 0.05 * (y1 - y0 or 1), y1 + 0.05 * (y1 - y0 or 1))
     sx = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
@@ -1171,13 +1180,15 @@ def svg_plot(series: dict, path: str, xlabel: str, ylabel: str, title: str, hlin
     if hline:
         out.append(line(L, W - R, sy(hline[0]), sy(hline[0]), 'stroke="#999" stroke-dasharray="5,4"'))
         out.append(f'<text x="{W - R - 4}" y="{sy(hline[0]) - 5:.1f}" text-anchor="end" fill="#666">{hline[1]}</text>')
+    taken = []  # the labels of marks placed so far: (x, y, width)
     for i, (label, s) in enumerate(series.items()):
         color = COLORS[i % len(COLORS)]
         poly = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
         out.append(f'<polyline points="{poly}" fill="none" stroke="{color}" stroke-width="2"/>')
         for x, y, text in (marks or {}).get(label, []):
             out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="white" stroke="{color}" stroke-width="2"/>')
-            out.append(f'<text x="{sx(x) + 4:.1f}" y="{sy(y) - 8:.1f}" fill="{color}" font-size="10">{text}</text>')
+            ty = free_row(sx(x) + 4, sy(y) - 8, 5.5 * len(text), taken)
+            out.append(f'<text x="{sx(x) + 4:.1f}" y="{ty:.1f}" fill="{color}" font-size="10">{text}</text>')
         out.append(line(W - R + 12, W - R + 36, T + 10 + 18 * i, T + 10 + 18 * i, f'stroke="{color}" stroke-width="3"'))
         out.append(f'<text x="{W - R + 42}" y="{T + 14 + 18 * i}">{label}</text>')
     out.append("</svg>")
