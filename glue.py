@@ -380,7 +380,8 @@ def load_backbone(path: str, random_init: bool = False, tokenizer_path: Optional
         advice = "Give a checkpoint of train.py (if a copy is damaged, copy it again) or a HuggingFace folder."
         model, tok = model_from_checkpoint(read_checkpoint(path, advice=advice), path, advice)
     if max_seq_len > model.config.max_position:
-        raise GlueError(f"--max-seq-len {max_seq_len} exceeds the model's max_position {model.config.max_position}")
+        raise GlueError(f"--max-seq-len {max_seq_len} exceeds the model's max_position {model.config.max_position}: "
+                        f"pass a --max-seq-len up to that, or pre-train with --long-seq-len {max_seq_len} or more")
     name = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
     return Backbone(model.config, None if random_init else model.state_dict(), tok,
                     name + (" (random init)" if random_init else ""), os.path.abspath(path))

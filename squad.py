@@ -50,7 +50,7 @@ import torch
 
 import glue
 from data import SPACE, DataError, HelpFormatter, Tokenizer, bert_input
-from train import locked_folder, launch_rank, print0, setup_distributed
+from train import locked_folder, launch_rank, print0, require_shared, setup_distributed
 
 DEFAULT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../shared/data/squad/dev-v2.0-first5.json")
 PAPER = {"1.1": (12, 3e-5), "2.0": (48, 5e-5)}  # MSLT's batch size and learning rate per SQuAD version
@@ -110,6 +110,7 @@ def read_squad(path: str, version: str) -> list:
     try:
         for a, article in enumerate(data["data"], 1):
             articles.append([])
+            where = f"article {a}"
             for p, paragraph in enumerate(article["paragraphs"], 1):
                 where = f"article {a}, paragraph {p}"
                 context = paragraph["context"]
@@ -286,8 +287,7 @@ def predict(model: SquadModel, feats: Features, cfg: SquadConfig) -> tuple:
             n["probability"] = float(probability)
     if cfg.version == "1.1":
         return {"predictions": best, "nbest_predictions": nbest}, evaluate(feats.questions, best), None
-    f1_answered = np.array([scores(q, best[q.qid])[1] for q in feats.questions])
-    f1_blank = np.array([scores(q, "")[1] for q in feats.questions])
+    f1_answered, f1_blank = np.array([(scores(q, best[q.qid])[1], scores(q, "")[1]) for q in feats.questions]).T
     threshold = null_threshold(np.array([odds[q.qid] for q in feats.questions]), f1_answered, f1_blank)
     final = {qid: "" if odds[qid] > threshold else text for qid, text in best.items()}
     return ({"predictions": final, "nbest_predictions": nbest, "null_odds": odds}, evaluate(feats.questions, final),
@@ -391,9 +391,10 @@ def run(a, cfg: SquadConfig) -> int:
         print(results_table(a.table), end="")
         return 0
     ranks, name = setup_distributed(cfg.device), f"SQuAD{cfg.version}"
-    backbone = glue.load_backbone(a.checkpoint, a.random_init, a.tokenizer, cfg.max_seq_len)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.checkpoint)), f"squad{cfg.version}"
                                 + "-random" * a.random_init)
+    require_shared(ranks, out, "--out")  # rank 0 alone writes there, and every rank reads which runs are done
+    backbone = glue.load_backbone(a.checkpoint, a.random_init, a.tokenizer, cfg.max_seq_len)
     with locked_folder(out) if launch_rank() == 0 else contextlib.nullcontext():
         if set(glue.load_runs(out)) - {name}:
             raise DataError(f"{out} holds runs of another SQuAD version; use another --out for SQuAD {cfg.version}")

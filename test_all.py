@@ -2301,6 +2301,10 @@ def test_each_flag_out_of_range_fails_in_one_line_before_any_work(argv, flag, tm
         train.main(TINY_RUN + argv + ["--out", str(tmp_path / "run")])
     assert one_line_error(e).startswith(f"error: {flag} "), str(e.value)
     assert not (tmp_path / "run").exists()  # a refused run leaves no folder behind
+    with pytest.raises(SystemExit), train.locked_folder(str(tmp_path / "ranks")):  # also where several ranks were
+        (tmp_path / "ranks" / ".rank0-id").write_text("5eed")  # asked whether they see the folder (rank0_views)
+        raise SystemExit("error: refused")
+    assert not (tmp_path / "ranks").exists()
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="is a file, not a folder") as e:
         train.main(TINY_RUN + ["--out", str(tmp_path / "file")])
@@ -2526,7 +2530,7 @@ def test_two_nodes_train_as_one_process_and_restart_together(tmp_path, run_cache
 def test_node_local_caches_are_built_per_node_and_checked(tmp_path, run_cache, node_launcher):
     """Two nodes x 2 processes (static rendezvous: --node-rank, --master-addr), where node 1 cannot see the cache
     folder rank 0 writes (a tmpfs over it): its local rank 0, global rank 2, builds one of its own while rank 3
-    waits for it, and the losses are those of 1 process. A node whose corpus file differs is stopped at start,
+    waits for it, and the losses are those of 1 process. A node whose own disk holds the cache reuses it. A node whose corpus file differs is stopped at start,
     in one line naming both nodes."""
     import socket
     needs_namespaces(tmp_path)
@@ -2541,6 +2545,12 @@ def test_node_local_caches_are_built_per_node_and_checked(tmp_path, run_cache, n
     ddp, one = train_losses(tmp_path / "ddp"), one_process_losses(tmp_path, args, micro=2)
     assert sorted(ddp) == sorted(one) == [1, 2, 3, 4]
     assert all(ddp[s] == pytest.approx(one[s], rel=1e-5, abs=1e-5) for s in one)
+    import shutil
+    shutil.copytree(cache, tmp_path / "cache-on-node-1")  # node 1's own disk already holds this cache: reused
+    results = run_nodes(tmp_path, node_launcher, args + ["--out", str(tmp_path / "again")],
+                        node1_own={cache: tmp_path / "cache-on-node-1"})
+    both_succeed(results)
+    assert "reusing token cache" in results[1][1] and "building token cache" not in results[1][1]
 
     corpus, other = tmp_path / "corpus", tmp_path / "corpus-of-node-1"  # one path, other text on node 1's disk
     for folder, says in ((corpus, "zero"), (other, "one")):
@@ -2558,7 +2568,7 @@ def test_node_local_caches_are_built_per_node_and_checked(tmp_path, run_cache, n
 
 
 def test_out_on_node_local_disks_is_refused_at_start(tmp_path, node_launcher):
-    """A train.py or glue.py --out that node 1 sees as another folder (a tmpfs over it) is refused before any
+    """A train.py, glue.py or squad.py --out that node 1 sees as another folder (a tmpfs over it) is refused before any
     work, in one line that names the flag and says the folder must be shared."""
     import socket
     import train
@@ -2572,13 +2582,13 @@ def test_out_on_node_local_disks_is_refused_at_start(tmp_path, node_launcher):
     assert results[0][0] != 0 and results[0][1].count(line) == 1, results[0][1][-3000:]
     assert "building token cache" not in results[0][1]  # refused before any work
     assert train.main(TINY_RUN + ["--method", "baseline", "--steps", "3", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]) == 0
-    glue_launcher = tmp_path / "glue_node.py"
-    glue_launcher.write_text(f"import sys\nsys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
-                             "import glue\nsys.exit(glue.main(sys.argv[1:]))\n")
-    results = run_nodes(tmp_path, glue_launcher, ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"),
-                                                  "--task", "RTE", "--device", "cpu", "--out", str(out)],
-                        node1_own={out: None})
-    assert results[0][0] != 0 and results[0][1].count(line) == 1, results[0][1][-3000:]
+    for module, task in ("glue", ["--task", "RTE"]), ("squad", []):
+        launcher = tmp_path / f"{module}_node.py"
+        launcher.write_text(f"import sys\nsys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+                            f"import {module}\nsys.exit({module}.main(sys.argv[1:]))\n")
+        results = run_nodes(tmp_path, launcher, ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"),
+                                                 "--device", "cpu", "--out", str(out)] + task, node1_own={out: None})
+        assert results[0][0] != 0 and results[0][1].count(line) == 1, (module, results[0][1][-3000:])
 
 
 def kill_tree(pid: int):
@@ -3209,6 +3219,9 @@ def test_squad_windows_stride_labels_and_max_context():
     assert null == (2, 1, 1)  # the least [CLS] start + end over the windows, and its two logits
     best = squad.best_answers(q, feats.spans[0], found, n_best=2)
     assert [(b["text"], b["start_logit"] + b["end_logit"]) for b in best] == [("e", 10), ("d", 2)]
+    for n in 1, 2, 3:  # no span is longer than max_answer_len tokens, and every shorter one is scored
+        _, found = squad.scored_spans(feats, [0, 1, 2], logits, max_answer_len=n)
+        assert set((found[:, 2] - found[:, 1] + 1).tolist()) == set(range(1, n + 1))
     # SQuAD 1.1: always an answer, no null odds, no NoAns split
     torch.manual_seed(0)
     model = squad.SquadModel(bert.Bert(BertConfig(vocab_size=261, max_position=8, n_layer=1, n_head=1, d_model=8,
@@ -3225,6 +3238,45 @@ def test_squad_null_threshold_maximizes_f1():
     assert squad.null_threshold(diffs, answered, blank) == -1.0
     assert squad.null_threshold(np.array([1.0, 1.0]), np.array([1, 0.0]), np.array([0, 1.0])) == 0.0  # all blank
     assert squad.null_threshold(np.array([0.0, 1.0]), np.array([1, 1.0]), np.zeros(2)) == 1.0  # answer all
+
+
+def test_squad_defaults_are_the_papers(tmp_path, capsys):
+    """MSLT's fine-tuning settings per version, BERT's windows and spans, five seeds. A model pre-trained at
+    shorter sequences than the windows is refused in one line that says what to do."""
+    for version, batch, lr in ("2.0", 48, 5e-5), ("1.1", 12, 3e-5):
+        _, cfg = squad.parse_args(["--checkpoint", "x.pt", "--version", version])
+        assert (cfg.batch_size, tuple(cfg.lrs), cfg.epochs, tuple(cfg.seeds)) == (batch, (lr,), 2, (0, 1, 2, 3, 4))
+        assert (cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len, cfg.max_answer_len) == (384, 128, 64, 30)
+    tiny_checkpoint(str(tmp_path / "ckpt.pt"), ["red fox ran"])  # max_position 64
+    assert squad.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == ("error: --max-seq-len 384 exceeds the model's max_position 64: pass a "
+                                       "--max-seq-len up to that, or pre-train with --long-seq-len 384 or more\n")
+
+
+def test_squad_reads_the_bundled_sample_and_its_windows_hold_their_answers(tmp_path):
+    """The real SQuAD 2.0 sample: its counts (see its README), and at the default sizes every window labelled
+    with an answer holds that answer's text between its label's tokens. A malformed article is named."""
+    if not os.path.exists(squad.DEFAULT_FILE):
+        pytest.skip(f"{squad.DEFAULT_FILE} is not here (../shared/data beside the repository)")
+    articles = squad.read_squad(squad.DEFAULT_FILE, "2.0")
+    questions = [q for article in articles for q in article]
+    assert (len(articles), len(questions), sum(not q.answers for q in questions)) == (5, 1407, 702)
+    tok = data.Tokenizer.train(sorted({q.context for q in questions})[:20], vocab_size=600)
+    feats = squad.featurize(questions, tok, squad.SquadConfig(device="cpu"))
+    assert max(len(ids) for ids in feats.enc.ids) <= 384
+    labelled = 0
+    for (number, window, _), (first, last), shift in zip(feats.windows, feats.enc.labels.tolist(), feats.enc.n_first):
+        if first:  # the label's positions, less the question's, plus the window's first context token
+            labelled += 1
+            q, spans = feats.questions[number], feats.spans[number]
+            text, start = q.answers[0]
+            a, b = spans[first - shift + window, 0], spans[last - shift + window, 1]
+            assert a <= start and start + len(text) <= b and b - a < len(text) + 30, (q.qid, q.context[a:b], text)
+    assert labelled >= 700  # every answerable question has at least one window that holds its answer
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"data": [{"paragraphs": []}, {"title": "no paragraphs"}]}))
+    with pytest.raises(data.DataError, match=rf"^{re.escape(str(bad))}: article 2: lacks the field 'paragraphs'"):
+        squad.read_squad(str(bad), "2.0")
 
 
 def squad_file(path, questions_per_context=8, n_contexts=24, seed=0):

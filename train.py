@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -831,7 +832,7 @@ def wait_for_builders(d: Dist, prefix: str, builders: dict):
     job when it loses a node, often before this rank has seen why."""
     store, last = job_store(), {r: (-1, time.monotonic()) for r in builders}
     stopped = signal.signal(signal.SIGTERM, lambda *_: lost_rank(
-        d, "torchrun stopped this rank (SIGTERM) while it waited for the token cache: a node was lost, or the job ended"))
+        d, "torchrun stopped this rank (SIGTERM) as it waited for the token cache: a node was lost, or the job ended"))
     try:
         while pending := [r for r in builders if not store.check([f"{prefix}/{r}"])]:
             for r in pending:
@@ -990,25 +991,23 @@ def check_run_folder(cfg: TrainConfig):
 def locked_folder(folder: str, flag: str = "--out"):
     """Hold an exclusive lock on <folder>/.lock while the block runs, so two processes never write one run.
     A second process fails at once, naming the folder and the holder's pid (data.pid_lock: a .lock file left
-    behind by a dead holder never blocks). A folder made here that is left empty (a refused run) is removed
-    again."""
+    behind by a dead holder never blocks). A folder made here that holds nothing but the lock and rank0_views'
+    marker (a refused run, of one rank or several) is removed again."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise SystemExit(f"error: {flag} {folder} is a file, not a folder; choose another {flag}")
     made = not os.path.exists(folder)
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, ".lock")
 
     def refuse(pid):
         raise SystemExit(f"error: {folder} is in use by another process (pid {pid}); wait for it to end, or "
                          f"choose another {flag}")
 
-    with data.pid_lock(path, refuse):
+    with data.pid_lock(os.path.join(folder, ".lock"), refuse):
         try:
             yield
         finally:
-            if made and os.listdir(folder) == [".lock"]:
-                os.remove(path)
-                os.rmdir(folder)
+            if made and set(os.listdir(folder)) <= {".lock", ".rank0-id"}:
+                shutil.rmtree(folder)
 
 
 
@@ -1186,7 +1185,7 @@ def svg_plot(series: dict, path: str, xlabel: str, ylabel: str, title: str, hlin
         poly = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
         out.append(f'<polyline points="{poly}" fill="none" stroke="{color}" stroke-width="2"/>')
         for x, y, text in (marks or {}).get(label, []):
-            out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="white" stroke="{color}" stroke-width="2"/>')
+            out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="#fff" stroke="{color}" stroke-width="2"/>')
             ty = free_row(sx(x) + 4, sy(y) - 8, 5.5 * len(text), taken)
             out.append(f'<text x="{sx(x) + 4:.1f}" y="{ty:.1f}" fill="{color}" font-size="10">{text}</text>')
         out.append(line(W - R + 12, W - R + 36, T + 10 + 18 * i, T + 10 + 18 * i, f'stroke="{color}" stroke-width="3"'))
