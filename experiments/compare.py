@@ -216,7 +216,8 @@ def branch(a, source: str, name: str, grow: str):
         dataclasses.replace(st, grow=grow) if st.grow != "init" else st for st in schedule.stages]).to_dict()
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(a.out, source, "log.jsonl")) as f:  # the resume validates and grows at the switch
-        kept = [line for line in f if json.loads(line)["step"] < ckpt["step"] or "loss" in json.loads(line)]
+        lines = f.readlines()
+    kept = [line for line, r in zip(lines, map(json.loads, lines)) if r["step"] < ckpt["step"] or "loss" in r]
     with open(os.path.join(out, "log.jsonl"), "w") as f:  # again, and drops the records after it
         f.writelines(kept)
     train.save_checkpoint(os.path.join(out, "checkpoint.pt"), ckpt)
@@ -381,8 +382,9 @@ def report(a):
         args = dict(vars(a), corpus=[os.path.relpath(c, ROOT) for c in a.corpus])  # no machine-specific paths
         json.dump({"results": results, "unigram_plateau": plateau, "args": args, "window": window}, f, indent=2)
     logs = {n: train.read_log(os.path.join(a.out, n)) for n in results}
-    if any(train.val_curve(r) for r in logs.values()):  # a comparison cut before its first validation: no plot
-        train.svg_plot({n: train.val_curve(r) for n, r in logs.items()}, os.path.join(a.out, "val_loss.svg"),
+    curves = {n: train.val_curve(r) for n, r in logs.items()}
+    if any(curves.values()):  # a comparison cut before its first validation: no plot
+        train.svg_plot(curves, os.path.join(a.out, "val_loss.svg"),
                        "training wall time (min, validation excluded)", "validation loss (MLM + NSP)",
                        f"{a.preset}, {a.steps} steps, batch {a.batch_size} x {a.seq_len}",
                        hline=(plateau + 0.693, "context-free model: unigram + ln 2"),

@@ -11,7 +11,7 @@ from the same checkpoint) and writes into --out:
   identity_test.svg   the gap against s, one curve per seed and their mean
 
     python experiments/identity_test.py runs/ablation-seed0 runs/ablation-seed1 runs/ablation-seed2 \\
-        --out experiments/results
+        --out experiments/results/identity_ablation
 """
 
 import argparse
